@@ -1,0 +1,69 @@
+"""Scheduler (sampler) contract, k-diffusion style: integrate the reverse process in sigma space."""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable
+
+import torch
+
+# denoise(x, sigma) -> x0_hat, for x = x0 + sigma * noise (the variance-exploding form).
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# callback({"x": ..., "i": ..., "sigma": ..., "denoised": ...}) after each step.
+Callback = Callable[[dict], None]
+
+
+class Scheduler(abc.ABC):
+    """A sampling algorithm over a descending sigma grid ending in 0.
+
+    `scheduler(denoise, x, sigmas)` checks its inputs and calls `sample`, which subclasses
+    implement. `x` starts as noise * sigmas[0] (or a partly noised image for img2img, which is just
+    a shorter grid). `stochastic` declares whether the sampler injects fresh noise.
+    """
+
+    stochastic: bool = False
+
+    @abc.abstractmethod
+    def sample(
+        self,
+        denoise: DenoiseFn,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        generator: torch.Generator | None,
+        callback: Callback | None,
+    ) -> torch.Tensor:
+        """Integrate from sigmas[0] to sigmas[-1] == 0 and return the final sample."""
+
+    @property
+    def name(self) -> str:
+        return getattr(self, "registry_name", type(self).__name__)
+
+    def __call__(
+        self,
+        denoise: DenoiseFn,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
+        self.check_sigmas(sigmas)
+        return self.sample(denoise, x, sigmas, generator, callback)
+
+    def check_sigmas(self, sigmas: torch.Tensor) -> None:
+        """Refuse a grid that is too short, does not descend, or does not end in 0."""
+        if sigmas.ndim != 1 or sigmas.numel() < 2:
+            raise ValueError(
+                f"scheduler '{self.name}' needs a 1-D sigma grid of at least 2 values (1 step); "
+                f"got shape {tuple(sigmas.shape)}"
+            )
+        if not bool(torch.all(sigmas[:-1] > sigmas[1:])):
+            raise ValueError(f"scheduler '{self.name}' needs a strictly descending sigma grid; got {sigmas.tolist()}")
+        if float(sigmas[-1]) != 0.0:
+            raise ValueError(f"scheduler '{self.name}' needs a sigma grid ending in 0; it ends in {float(sigmas[-1])}")
+
+    @staticmethod
+    def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Standard normal noise shaped like x, drawn on the generator's device for reproducibility."""
+        device = generator.device if generator is not None else x.device
+        return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device, x.dtype)
