@@ -200,6 +200,8 @@ def build(kind: str, name: str, **params: Any) -> Any:
     component.registry_name = name
     component.registry_distribution = entry.distribution
     component.registry_version = entry.version
+    # What rebuilds it: a checkpoint stores these instead of any code.
+    component.build_params = params
     return component
 
 

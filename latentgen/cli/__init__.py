@@ -1,1 +1,1 @@
-
+"""Command-line apps: latentgen, latentgen-train, latentgen-sample."""

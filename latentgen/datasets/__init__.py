@@ -1,1 +1,1 @@
-
+"""Embedded datasets that need no download: procedural shapes and scikit-learn digits."""

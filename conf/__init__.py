@@ -1,0 +1,1 @@
+"""Hydra config groups of latentgen (shipped in the wheel as latentgen.conf)."""

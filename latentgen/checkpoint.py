@@ -1,0 +1,149 @@
+"""latentgen checkpoints: safetensors weights with the resolved config and component provenance.
+
+A checkpoint is one `.safetensors` file. Its tensors are the state dicts of the pipeline's modules
+under the prefixes `codec.`, `denoiser.` and `conditioner.`; its header metadata holds JSON under
+`latentgen.config` (everything needed to rebuild the components through the registry) and
+`latentgen.components` (which distribution and version provided each one). No code is pickled.
+Files are written atomically: a crash mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from latentgen.errors import CheckpointError
+
+FORMAT_KEY = "latentgen.format"
+FORMAT_VERSION = "1"
+CONFIG_KEY = "latentgen.config"
+COMPONENTS_KEY = "latentgen.components"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
+
+    The rename is atomic on POSIX, so readers see the old file or the new one, never a partial one;
+    if `write` fails the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
+    """Write tensors and JSON-encoded metadata to a safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    plain = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=header))
+
+
+def _header(path: Path) -> dict:
+    """The safetensors JSON header, with errors that say what is wrong with the file."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; check the path (a training run writes "
+                              f"<run dir>/checkpoints/last.safetensors)")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a directory; pass the .safetensors file inside it")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"checkpoint '{path}' is {size} bytes long: empty or truncated")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > min(size - 8, 100_000_000):
+            if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
+                raise CheckpointError(f"'{path}' is a pickle/zip file (a .ckpt), not safetensors; latentgen "
+                                      f"checkpoints are .safetensors files")
+            raise CheckpointError(f"'{path}' is not a safetensors file, or its header is truncated "
+                                  f"(header claims {header_size} bytes, file has {size})")
+        try:
+            header = json.loads(handle.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"'{path}' has a corrupt safetensors header: {exc}") from exc
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + header_size + end > size:
+        raise CheckpointError(
+            f"checkpoint '{path}' is truncated: its header describes {8 + header_size + end} bytes but the "
+            f"file has {size}; the file was cut off while copying or writing — use an intact copy"
+        )
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (validated for truncation first)."""
+    return dict(_header(Path(path)).get("__metadata__", {}) or {})
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config, components) of a latentgen checkpoint, or a CheckpointError that says what the file is."""
+    path = Path(path)
+    header = _header(path)
+    metadata = header.get("__metadata__", {}) or {}
+    if CONFIG_KEY not in metadata:
+        keys = [key for key in header if key != "__metadata__"]
+        hint = ""
+        if any(key.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for key in keys):
+            hint = (" It has the key layout of an original Stable Diffusion checkpoint; load it with "
+                    "latentgen.interop.stable_diffusion.load_pipeline.")
+        raise CheckpointError(
+            f"'{path}' is a safetensors file but not a latentgen checkpoint (no '{CONFIG_KEY}' metadata; "
+            f"first keys: {keys[:3]}).{hint}"
+        )
+    try:
+        config = json.loads(metadata[CONFIG_KEY])
+        components = json.loads(metadata.get(COMPONENTS_KEY, "{}"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint '{path}' has corrupt latentgen metadata: {exc}") from exc
+    return config, components
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a (validated) safetensors file."""
+    from safetensors.torch import load_file
+
+    _header(Path(path))
+    return load_file(str(path), device=str(device))
+
+
+def load_module_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, path: Path) -> None:
+    """load_state_dict(strict) with an error that names the first offending keys and shapes."""
+    own = module.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    mismatched = [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
+                  for key in own if key in state and state[key].shape != own[key].shape]
+    if missing or unexpected or mismatched:
+        lines = []
+        if missing:
+            lines.append(f"missing {len(missing)} key(s), first: {missing[:3]}")
+        if unexpected:
+            lines.append(f"unexpected {len(unexpected)} key(s), first: {unexpected[:3]}")
+        if mismatched:
+            lines.append(f"{len(mismatched)} shape mismatch(es), first: {mismatched[:3]}")
+        raise CheckpointError(f"the {what} weights in '{path}' do not fit its config: " + "; ".join(lines))
+    module.load_state_dict(state, strict=True)

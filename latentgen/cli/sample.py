@@ -1,0 +1,60 @@
+"""latentgen-sample: images from a checkpoint (`latentgen-sample checkpoint=... prompt="a red circle"`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from latentgen.cli.errors import reported
+from latentgen.config import register_component_options
+
+log = logging.getLogger("latentgen.sample")
+
+
+def _as_list(value):
+    if value is None:
+        return None
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return value if isinstance(value, list) else [value]
+
+
+@hydra.main(config_path="pkg://latentgen.conf", config_name="sample", version_base="1.3")
+def _sample(cfg: DictConfig) -> None:
+    from latentgen.devices import resolve_device
+    from latentgen.imaging import grid
+    from latentgen.pipeline import LatentDiffusionPipeline, build_component
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with reported():
+        device = resolve_device(cfg.device)
+        scheduler = build_component("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
+        pipe = LatentDiffusionPipeline.from_checkpoint(cfg.checkpoint, device=device, scheduler=scheduler)
+        prompts, labels = _as_list(cfg.prompt), _as_list(cfg.label)
+        images = pipe(prompts, labels=labels, negative_prompts=cfg.negative_prompt, num_images=int(cfg.num_images),
+                      steps=cfg.steps, guidance_scale=cfg.guidance_scale, seed=int(cfg.seed),
+                      height=cfg.height, width=cfg.width)
+    captions = [str(c) for c in (prompts or labels or [""]) for _ in range(int(cfg.num_images))][: len(images)]
+    out = run_dir / "images"
+    out.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        image.save(out / f"{index:04d}.png")
+    grid(images, columns=int(cfg.num_images) if (prompts or labels) else None,
+         labels=captions if any(captions) else None).save(run_dir / "grid.png")
+    (run_dir / "sample.json").write_text(json.dumps({
+        "checkpoint": str(cfg.checkpoint), "scheduler": pipe.scheduler.name, "seed": int(cfg.seed),
+        "images": [str(out / f"{i:04d}.png") for i in range(len(images))], "captions": captions}, indent=2))
+    log.info("%d images in %s, grid %s", len(images), out, run_dir / "grid.png")
+
+
+def main() -> None:
+    register_component_options()
+    _sample()
+
+
+if __name__ == "__main__":
+    main()

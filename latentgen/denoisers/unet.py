@@ -1,0 +1,328 @@
+"""The LDM UNet denoiser (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models").
+
+Module structure and parameter names follow CompVis's `openaimodel.UNetModel` with
+`use_spatial_transformer=True`, so Stable Diffusion v1/v2 `model.diffusion_model.*` weights load with
+`load_state_dict(strict=True)` once the prefix is stripped.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentgen.contracts import Denoiser
+from latentgen.nn.attention import GroupNorm32, SpatialTransformer
+from latentgen.nn.timestep_embedding import timestep_embedding
+
+
+class ResBlock(nn.Module):
+    """Residual block with an additive timestep embedding (Ho et al. 2020; LDM's `ResBlock`).
+
+    x (B, C, h, w), emb (B, E) -> (B, C_out, h, w). The last conv is zero-initialised as in the
+    original, so every block starts as its skip connection.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float = 0.0,
+        out_channels: int | None = None,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        out_channels = channels if out_channels is None else out_channels
+        self.in_layers = nn.Sequential(
+            GroupNorm32(norm_groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(norm_groups, out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.out_layers[3].weight)
+        nn.init.zeros_(self.out_layers[3].bias)
+        if out_channels == channels:
+            self.skip_connection = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)  # (B, C_out, h, w)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Halves height and width with a stride-2 3x3 conv (`op`)."""
+
+    def __init__(self, channels: int, out_channels: int | None = None) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels if out_channels is None else out_channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Doubles height and width: nearest-neighbour upsampling, then a 3x3 conv (`conv`)."""
+
+    def __init__(self, channels: int, out_channels: int | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels if out_channels is None else out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers where ResBlocks also get the timestep embedding and transformers the context."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+def _per_level(value: int | Sequence[int], levels: int, what: str) -> list[int]:
+    if isinstance(value, int):
+        return [value] * levels
+    value = [int(v) for v in value]
+    if len(value) != levels:
+        raise ValueError(f"unet: {what} must be an int or one value per level ({levels}), got {value}")
+    return value
+
+
+def _format(shape: tuple) -> str:
+    return "(" + ", ".join(str(size) for size in shape) + ")"
+
+
+class UNet(Denoiser):
+    """The LDM UNet with spatial transformers and cross-attention (Rombach et al. 2022, Fig. 3).
+
+    Arguments mirror the original `UNetModel`. `attention_resolutions` lists the downsampling rates
+    (1, 2, 4, ...) at which a SpatialTransformer follows each ResBlock; exactly one of `num_heads`
+    and `num_head_channels` is set. `vector_dim` is the original's `adm_in_channels` with
+    `num_classes="sequential"` (an MLP embedding added to the time embedding, as in SD x4-upscaler
+    and SDXL). `concat_channels` of `in_channels` are taken by `cond["concat"]`, concatenated to x.
+    `dropout` applies inside the ResBlocks only, as in the original.
+
+    Not supported (unused by Stable Diffusion v1/v2): `use_scale_shift_norm`, `resblock_updown`,
+    `conv_resample=False`, `num_heads_upsample`, `disable_self_attentions`, integer `num_classes`,
+    the non-transformer `AttentionBlock` path, 1D/3D convolutions.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        model_channels: int = 320,
+        num_res_blocks: int | Sequence[int] = 2,
+        attention_resolutions: Sequence[int] = (4, 2, 1),
+        channel_mult: Sequence[int] = (1, 2, 4, 4),
+        num_heads: int = -1,
+        num_head_channels: int = -1,
+        transformer_depth: int | Sequence[int] = 1,
+        context_dim: int | None = None,
+        use_linear_in_transformer: bool = False,
+        vector_dim: int | None = None,
+        concat_channels: int = 0,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+        num_attention_blocks: Sequence[int] | None = None,
+        legacy: bool = False,
+    ) -> None:
+        super().__init__()
+        if (num_heads == -1) == (num_head_channels == -1):
+            raise ValueError(
+                f"unet: set exactly one of num_heads and num_head_channels, got num_heads={num_heads}, "
+                f"num_head_channels={num_head_channels}"
+            )
+        if not 0 <= concat_channels < in_channels:
+            raise ValueError(
+                f"unet: concat_channels must be in [0, in_channels={in_channels}), got {concat_channels}"
+            )
+        levels = len(channel_mult)
+        res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
+        depths = _per_level(transformer_depth, levels, "transformer_depth")
+        if num_attention_blocks is not None:
+            num_attention_blocks = _per_level(num_attention_blocks, levels, "num_attention_blocks")
+
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.context_dim = context_dim
+        self.vector_dim = vector_dim
+        self.concat_channels = concat_channels
+        self.latent_size_multiple = 2 ** (levels - 1)
+        self.model_channels = model_channels
+
+        def head_layout(channels: int) -> tuple[int, int]:
+            # The original's rule, including its `legacy` branch (only differs when channels is not a
+            # multiple of num_head_channels).
+            if num_head_channels == -1:
+                heads, dim_head = num_heads, channels // num_heads
+            else:
+                heads, dim_head = channels // num_head_channels, num_head_channels
+            if legacy:
+                dim_head = channels // heads
+            return heads, dim_head
+
+        def transformer(channels: int, depth: int) -> SpatialTransformer:
+            heads, dim_head = head_layout(channels)
+            return SpatialTransformer(
+                channels,
+                heads,
+                dim_head,
+                depth=depth,
+                context_dim=context_dim,
+                use_linear=use_linear_in_transformer,
+                norm_groups=norm_groups,
+            )
+
+        def res_block(channels: int, out: int) -> ResBlock:
+            return ResBlock(channels, time_embed_dim, dropout, out_channels=out, norm_groups=norm_groups)
+
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_embed_dim),
+            nn.SiLU(),
+            nn.Linear(time_embed_dim, time_embed_dim),
+        )
+        if vector_dim is not None:
+            # Nested Sequential: the original's key layout is `label_emb.0.{0,2}`.
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(vector_dim, time_embed_dim),
+                    nn.SiLU(),
+                    nn.Linear(time_embed_dim, time_embed_dim),
+                )
+            )
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+        )
+        skip_channels = [model_channels]
+        channels = model_channels
+        rate = 1  # downsampling rate of the current level
+        for level, mult in enumerate(channel_mult):
+            for block in range(res_blocks[level]):
+                layers: list[nn.Module] = [res_block(channels, mult * model_channels)]
+                channels = mult * model_channels
+                if rate in attention_resolutions and (
+                    num_attention_blocks is None or block < num_attention_blocks[level]
+                ):
+                    layers.append(transformer(channels, depths[level]))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(channels)
+            if level != levels - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(channels)))
+                skip_channels.append(channels)
+                rate *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            res_block(channels, channels),
+            transformer(channels, depths[-1]),
+            res_block(channels, channels),
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for block in range(res_blocks[level] + 1):
+                layers = [res_block(channels + skip_channels.pop(), mult * model_channels)]
+                channels = mult * model_channels
+                if rate in attention_resolutions and (
+                    num_attention_blocks is None or block < num_attention_blocks[level]
+                ):
+                    layers.append(transformer(channels, depths[level]))
+                if level and block == res_blocks[level]:
+                    layers.append(Upsample(channels))
+                    rate //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            GroupNorm32(norm_groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(model_channels, out_channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.out[2].weight)
+        nn.init.zeros_(self.out[2].bias)
+
+    def _check_inputs(
+        self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Validates x and cond against what this UNet was built for; returns t as (B,)."""
+        latent_channels = self.in_channels - self.concat_channels
+        if x.ndim != 4 or x.shape[1] != latent_channels:
+            raise ValueError(
+                f"{self.name}: expected x of shape (B, {latent_channels}, h, w), got {tuple(x.shape)}"
+            )
+        batch, _, height, width = x.shape
+        multiple = self.latent_size_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"{self.name}: expected latent height and width that are multiples of {multiple} "
+                f"(the UNet downsamples {multiple}x), got {height}x{width}"
+            )
+        expected = {
+            "crossattn": (batch, "L", self.context_dim),
+            "vector": (batch, self.vector_dim),
+            "concat": (batch, self.concat_channels, height, width),
+        }
+        for key in self.required_cond:
+            if key not in cond:
+                raise ValueError(
+                    f"{self.name}: cond[{key!r}] of shape {_format(expected[key])} is required, "
+                    f"got keys {sorted(cond)}"
+                )
+            value, shape = cond[key], expected[key]
+            matches = value.ndim == len(shape) and all(
+                want == "L" or got == want for got, want in zip(value.shape, shape)
+            )
+            if not matches:
+                raise ValueError(
+                    f"{self.name}: expected cond[{key!r}] of shape {_format(shape)}, got {tuple(value.shape)}"
+                )
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
+            t = t.reshape(1).expand(batch)
+        elif t.shape != (batch,):
+            raise ValueError(f"{self.name}: expected t of shape () or ({batch},), got {tuple(t.shape)}")
+        return t
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x (B, C, h, w), t () or (B,), cond {"crossattn": (B, L, D), "vector": (B, V), "concat":
+        (B, C', h, w)} as built -> (B, out_channels, h, w) in x's dtype."""
+        cond = {} if cond is None else cond
+        t = self._check_inputs(x, t, cond)
+        dtype = self.time_embed[0].weight.dtype  # compute in the parameters' dtype
+
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))  # (B, E)
+        if self.vector_dim is not None:
+            emb = emb + self.label_emb(cond["vector"].to(dtype))  # (B, E)
+        context = cond["crossattn"].to(dtype) if self.context_dim is not None else None  # (B, L, D)
+
+        h = x.to(dtype)
+        if self.concat_channels:
+            h = torch.cat([h, cond["concat"].to(dtype)], dim=1)  # (B, in_channels, h, w)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h).to(x.dtype)

@@ -1,0 +1,278 @@
+"""The generic latent diffusion pipeline: any codec, denoiser, conditioner and scheduler together."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from latentgen import registry
+from latentgen.checkpoint import (COMPONENTS_KEY, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, load_module_state,
+                                  load_tensors, read_checkpoint, save_tensors)
+from latentgen.compatibility import check_compatible
+from latentgen.contracts import Codec, Conditioner, Denoiser, Scheduler
+from latentgen.diffusion.guidance import ClassifierFreeGuidance
+from latentgen.diffusion.noise_schedule import DiscreteNoiseSchedule
+from latentgen.diffusion.prediction import DiscreteTimeDenoiser
+from latentgen.errors import ConfigError
+from latentgen.imaging import to_pil
+
+MODULE_KINDS = ("codec", "denoiser", "conditioner")
+KINDS = (*MODULE_KINDS, "scheduler")
+
+DEFAULT_DIFFUSION = {
+    # Stable Diffusion's training process (Rombach et al. 2022, App. E).
+    "noise_schedule": "scaled_linear",
+    "num_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "eps",
+}
+DEFAULT_SAMPLING = {"height": None, "width": None, "steps": 20, "guidance_scale": 5.0, "spacing": "leading"}
+
+
+def _plain(node: Any) -> Any:
+    if type(node).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def build_component(kind: str, node: Mapping[str, Any] | None) -> Any:
+    """A component from its config node: `{name: ..., **params}`, optionally with Hydra's
+    `_target_: latentgen.registry.build` and `kind`. A missing conditioner is the null one."""
+    node = _plain(node)
+    if node is None:
+        if kind == "conditioner":
+            return registry.build("conditioner", "null")
+        raise ConfigError(f"the pipeline config has no '{kind}'; choose one, e.g. {kind}={registry.available(kind)[:1]}")
+    params = dict(node)
+    target = params.pop("_target_", "latentgen.registry.build")
+    if target != "latentgen.registry.build":
+        raise ConfigError(f"{kind} config names _target_ '{target}'; latentgen configs name components through "
+                          f"the registry: _target_: latentgen.registry.build, kind: {kind}, name: <component>")
+    declared = params.pop("kind", kind)
+    if declared != kind:
+        raise ConfigError(f"the '{kind}' config declares kind '{declared}'")
+    if "name" not in params:
+        raise ConfigError(f"the '{kind}' config has no 'name'; available: {registry.describe(kind)}")
+    return registry.build(kind, str(params.pop("name")), **params)
+
+
+def component_config(kind: str, component: Any) -> dict[str, Any]:
+    """{name, **params} that rebuilds a registry-built component."""
+    if not hasattr(component, "registry_name"):
+        raise ConfigError(
+            f"the {kind} {type(component).__name__} was not built through latentgen.registry.build, so "
+            f"its configuration is unknown and it cannot be saved; build it with registry.build('{kind}', name, ...)"
+        )
+    return {"name": component.registry_name, **component.build_params}
+
+
+class LatentDiffusionPipeline:
+    """Text/label/unconditional generation in a codec's latent space (Rombach et al. 2022).
+
+    Holds `codec`, `denoiser`, `conditioner`, `scheduler`, the discrete noise schedule the denoiser
+    was trained on and its `prediction_type`. Refuses an incompatible assembly at construction.
+    """
+
+    def __init__(self, codec: Codec, denoiser: Denoiser, conditioner: Conditioner | None = None,
+                 scheduler: Scheduler | None = None, diffusion: Mapping[str, Any] | None = None,
+                 sampling: Mapping[str, Any] | None = None):
+        self.codec = codec
+        self.denoiser = denoiser
+        self.conditioner = conditioner if conditioner is not None else registry.build("conditioner", "null")
+        self.scheduler = scheduler if scheduler is not None else registry.build("scheduler", "ddim")
+        for kind, base in (("codec", Codec), ("denoiser", Denoiser), ("conditioner", Conditioner), ("scheduler", Scheduler)):
+            if not isinstance(getattr(self, kind), base):
+                raise TypeError(f"the pipeline's {kind} must be a latentgen.{base.__name__}; got {type(getattr(self, kind)).__name__}")
+        check_compatible(self.codec, self.denoiser, self.conditioner)
+        self.diffusion = {**DEFAULT_DIFFUSION, **(_plain(diffusion) or {})}
+        unknown = set(self.diffusion) - set(DEFAULT_DIFFUSION)
+        if unknown:
+            raise ConfigError(f"unknown diffusion settings {sorted(unknown)}; the settings are {sorted(DEFAULT_DIFFUSION)}")
+        self.sampling = {**DEFAULT_SAMPLING, **(_plain(sampling) or {})}
+        self.schedule = DiscreteNoiseSchedule.from_betas(
+            self.diffusion["noise_schedule"], int(self.diffusion["num_timesteps"]),
+            float(self.diffusion["beta_start"]), float(self.diffusion["beta_end"]))
+        self.model = DiscreteTimeDenoiser(self.denoiser, self.schedule, self.diffusion["prediction_type"])
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "LatentDiffusionPipeline":
+        """From a config with `codec`, `denoiser`, `conditioner`, `scheduler` nodes (each
+        `{name, **params}` or Hydra's `{_target_: latentgen.registry.build, kind, name, ...}`) and
+        optional `diffusion` and `sampling` settings; other keys (dataset, training) are ignored."""
+        config = _plain(config)
+        components = {kind: build_component(kind, config.get(kind)) for kind in ("codec", "denoiser", "conditioner")}
+        scheduler = build_component("scheduler", config.get("scheduler") or {"name": "ddim"})
+        return cls(**components, scheduler=scheduler, diffusion=config.get("diffusion"), sampling=config.get("sampling"))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
+                        scheduler: Scheduler | None = None) -> "LatentDiffusionPipeline":
+        """Rebuild the components a latentgen checkpoint names and load its weights."""
+        path = Path(path)
+        config, provenance = read_checkpoint(path)
+        _check_provenance(provenance, path)
+        pipe = cls.from_config(config)
+        if scheduler is not None:
+            pipe.scheduler = scheduler
+        tensors = load_tensors(path, device)
+        for kind in MODULE_KINDS:
+            prefix = f"{kind}."
+            state = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+            load_module_state(getattr(pipe, kind), state, kind, path)
+        return pipe.to(device).eval()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved config that rebuilds this pipeline (what a checkpoint stores)."""
+        return {**{kind: component_config(kind, getattr(self, kind)) for kind in KINDS},
+                "diffusion": dict(self.diffusion), "sampling": dict(self.sampling)}
+
+    def save(self, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+        """Write weights, config and component versions to one safetensors file, atomically."""
+        tensors = {f"{kind}.{key}": value for kind in MODULE_KINDS
+                   for key, value in getattr(self, kind).state_dict().items()}
+        provenance = {kind: {"name": getattr(self, kind).registry_name,
+                             "distribution": getattr(self, kind).registry_distribution,
+                             "version": getattr(self, kind).registry_version} for kind in KINDS}
+        header = {FORMAT_KEY: FORMAT_VERSION, CONFIG_KEY: self.config, COMPONENTS_KEY: provenance, **(metadata or {})}
+        return save_tensors(path, tensors, header)
+
+    # ---- module plumbing ----------------------------------------------------------------------
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.codec, self.denoiser, self.conditioner]
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
+        for module in self.modules():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> "LatentDiffusionPipeline":
+        for module in self.modules():
+            module.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    # ---- sampling -----------------------------------------------------------------------------
+
+    def inputs(self, prompts: str | Sequence[str] | None, labels: int | Sequence[int] | torch.Tensor | None,
+               num_images: int) -> dict[str, Any]:
+        """The conditioner's input batch, each prompt or label repeated `num_images` times."""
+        reads = set(self.conditioner.input_keys)
+        given = {"prompt": prompts, "label": labels}
+        for key, value in given.items():
+            if value is not None and key not in reads:
+                what = "an unconditional model" if not reads else f"a model whose conditioner reads {sorted(reads)}"
+                raise ValueError(
+                    f"a {key} was given to {what} (conditioner '{self.conditioner.name}'); "
+                    + (f"pass {sorted(reads)[0]}=... instead" if reads else f"drop the {key}, or load a model trained with a {key} conditioner")
+                )
+        missing = [key for key in reads if given.get(key) is None]
+        if missing:
+            raise ValueError(f"conditioner '{self.conditioner.name}' needs {missing[0]}=...; "
+                             f"(an empty prompt \"\" gives unconditional samples from a text model)")
+        batch: dict[str, Any] = {}
+        if prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            batch["prompt"] = [p for p in prompts for _ in range(num_images)]
+        if labels is not None:
+            labels = torch.as_tensor(labels).reshape(-1)
+            batch["label"] = labels.repeat_interleave(num_images)
+        return batch
+
+    @torch.inference_mode()
+    def sample_latents(self, prompts=None, *, labels=None, negative_prompts=None, num_images: int = 1,
+                       steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
+                       generator: torch.Generator | None = None, height: int | None = None,
+                       width: int | None = None, spacing: str | None = None,
+                       callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) for the given prompts/labels; see `__call__`."""
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1; got {num_images}")
+        steps = int(steps if steps is not None else self.sampling["steps"])
+        guidance_scale = float(guidance_scale if guidance_scale is not None else self.sampling["guidance_scale"])
+        height = height or self.sampling["height"]
+        width = width or self.sampling["width"]
+        if height is None or width is None:
+            raise ValueError("pass height= and width= (this pipeline's config has no default image size)")
+        latent_h, latent_w = self.codec.latent_size(int(height), int(width))
+        multiple = self.denoiser.latent_size_multiple
+        if latent_h % multiple or latent_w % multiple:
+            step = multiple * self.codec.downsampling_factor
+            raise ValueError(f"denoiser '{self.denoiser.name}' needs latents divisible by {multiple}, so the image size "
+                             f"must be a multiple of {step}; got {height}x{width}")
+
+        batch = self.inputs(prompts, labels, num_images)
+        batch_size = len(next(iter(batch.values()))) if batch else num_images
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(int(seed) if seed is not None else torch.seed())
+        device = self.device
+
+        cond = self.conditioner(batch)
+        uncond = None
+        if guidance_scale != 1.0 and cond:
+            if negative_prompts is not None:
+                if "prompt" not in batch:
+                    raise ValueError("negative prompts need a text-conditioned model")
+                negatives = [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts)
+                if len(negatives) == 1:
+                    negatives = negatives * (batch_size // num_images)
+                uncond = self.conditioner({**batch, "prompt": [n for n in negatives for _ in range(num_images)]})
+            else:
+                uncond = self.conditioner.unconditional(batch)
+        denoise = ClassifierFreeGuidance(self.model, cond, uncond, guidance_scale)
+
+        sigmas = self.schedule.sigma_grid(steps, spacing or self.sampling["spacing"]).to(device)
+        # Noise is drawn on the CPU generator so a seed means the same image on every device.
+        noise = torch.randn((batch_size, self.codec.latent_channels, latent_h, latent_w), generator=generator)
+        x = noise.to(device) * sigmas[0].to(torch.float32)
+        return self.scheduler(denoise, x, sigmas, generator=generator, callback=callback)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        codec_dtype = next(self.codec.parameters(), latents).dtype
+        return self.codec.decode(latents.to(codec_dtype)).float().clamp(-1, 1)
+
+    def __call__(self, prompts: str | Sequence[str] | None = None, *, output_type: str = "pil",
+                 **options: Any) -> list[Image.Image] | torch.Tensor:
+        """Generate images: `pipe(["a red circle"], steps=20, guidance_scale=5, seed=0)`.
+
+        Options: labels, negative_prompts, num_images (per prompt/label, or in all for an
+        unconditional model), steps, guidance_scale, seed or generator, height, width, spacing,
+        callback. `output_type` "pil" (default), "tensor" ((B, 3, H, W) in [-1, 1]) or "latent".
+        """
+        if output_type not in ("pil", "tensor", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'tensor' or 'latent'; got {output_type!r}")
+        latents = self.sample_latents(prompts, **options)
+        if output_type == "latent":
+            return latents
+        images = self.decode(latents)
+        return images if output_type == "tensor" else to_pil(images)
+
+
+def _check_provenance(provenance: Mapping[str, Mapping[str, str]], path: Path) -> None:
+    """Say which distribution to install when a checkpoint's component is missing; warn on version drift."""
+    for kind, info in provenance.items():
+        if kind not in KINDS or info.get("name") in registry.available(kind):
+            entry = registry.resolve(kind, info["name"]) if kind in KINDS else None
+            if entry is not None and (entry.distribution, entry.version) != (info.get("distribution"), info.get("version")):
+                warnings.warn(f"checkpoint '{path}' was written with {kind} '{info['name']}' from "
+                              f"{info.get('distribution')} {info.get('version')}; this environment has "
+                              f"{entry.provenance}", stacklevel=3)
+            continue
+        raise ConfigError(
+            f"checkpoint '{path}' needs {kind} '{info.get('name')}' from distribution '{info.get('distribution')}' "
+            f"{info.get('version')}, which is not installed here: pip install {info.get('distribution')}"
+        )

@@ -1,0 +1,1 @@
+"""Tokenizers and text encoders used by the text conditioners."""
