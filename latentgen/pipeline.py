@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -35,11 +36,32 @@ DEFAULT_SAMPLING = {"height": None, "width": None, "steps": 20, "guidance_scale"
 
 
 def _plain(node: Any) -> Any:
-    if type(node).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
+    """Plain containers from OmegaConf ones, resolving interpolations with a clear error."""
+    if not type(node).__module__.startswith("omegaconf"):
+        return node
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
 
+    try:
         return OmegaConf.to_container(node, resolve=True)
-    return node
+    except InterpolationResolutionError as exc:
+        raise ConfigError(_unresolvable(node, exc)) from exc
+
+
+def _unresolvable(config: Any, exc: Exception) -> str:
+    """Which component's value could not be taken from which other component, and the fix."""
+    from omegaconf import OmegaConf
+
+    key = str(getattr(exc, "full_key", "") or "?")
+    wanted = re.search(r"'([^']+)'", str(getattr(exc, "msg", exc)))
+    wanted = wanted.group(1) if wanted else "?"
+    name_of = lambda path: OmegaConf.select(config, f"{path.split('.')[0]}.name", default="?")  # noqa: E731
+    return (
+        f"cannot resolve '{key}' of {key.split('.')[0]} '{name_of(key)}': it is taken from '${{{wanted}}}', but "
+        f"{wanted.split('.')[0]} '{name_of(wanted)}' has no '{wanted.split('.')[-1]}' in its config (a component "
+        f"registered without a YAML file has only its name). Override {key}=<value> on the command line, "
+        f"or, if the {wanted.split('.')[0]} takes such a parameter, give it: +{wanted}=<value>."
+    )
 
 
 def build_component(kind: str, node: Mapping[str, Any] | None) -> Any:
@@ -138,12 +160,13 @@ class LatentDiffusionPipeline:
 
     def save(self, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
         """Write weights, config and component versions to one safetensors file, atomically."""
+        config = self.config  # first: it explains what is missing if a component is not registry-built
         tensors = {f"{kind}.{key}": value for kind in MODULE_KINDS
                    for key, value in getattr(self, kind).state_dict().items()}
         provenance = {kind: {"name": getattr(self, kind).registry_name,
                              "distribution": getattr(self, kind).registry_distribution,
                              "version": getattr(self, kind).registry_version} for kind in KINDS}
-        header = {FORMAT_KEY: FORMAT_VERSION, CONFIG_KEY: self.config, COMPONENTS_KEY: provenance, **(metadata or {})}
+        header = {FORMAT_KEY: FORMAT_VERSION, CONFIG_KEY: config, COMPONENTS_KEY: provenance, **(metadata or {})}
         return save_tensors(path, tensors, header)
 
     # ---- module plumbing ----------------------------------------------------------------------

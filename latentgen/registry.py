@@ -153,7 +153,9 @@ def resolve(kind: str, name: str) -> Entry:
     """The single registration of `name`, or an error that lists what is available."""
     found = _discover(_check_kind(kind))
     if name not in found:
-        close = difflib.get_close_matches(str(name), list(found), n=1)
+        close = difflib.get_close_matches(str(name), list(found), n=3)
+        # Prefer a transposition ("ddmi" -> "ddim") over an equally similar other name.
+        close.sort(key=lambda candidate: sorted(candidate) != sorted(str(name)))
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ComponentNotFoundError(
             f"unknown {kind} '{name}'.{hint} Available {kind}s: {describe(kind)}. A plugin package "

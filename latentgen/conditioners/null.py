@@ -10,6 +10,9 @@ class NullConditioner(Conditioner):
 
     input_keys = ()
 
+    def __init__(self):  # explicit, so that unexpected parameters are refused by name
+        super().__init__()
+
     @property
     def outputs(self) -> dict[str, int]:
         return {}

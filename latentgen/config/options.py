@@ -18,6 +18,18 @@ from latentgen import registry
 CONFIG_MODULE = "latentgen.conf"
 
 
+def _selectable(name: str) -> bool:
+    """Hydra reads `group=null` (and true/false/numbers) as values, not option names; such
+    registry names cannot be options (the null conditioner is `conditioner=unconditional`)."""
+    if name.lower() in {"null", "true", "false", "nan", "inf"}:
+        return False
+    try:
+        float(name)
+    except ValueError:
+        return True
+    return False
+
+
 def register_component_options() -> list[tuple[str, str]]:
     """Store `{_target_: latentgen.registry.build, kind, name}` for every registered component;
     returns the (group, name) pairs stored."""
@@ -30,7 +42,7 @@ def register_component_options() -> list[tuple[str, str]]:
         shipped = {path.name[: -len(".yaml")] for path in resources.files(CONFIG_MODULE).joinpath(kind).iterdir()
                    if path.name.endswith(".yaml")}
         for name in registry.available(kind):
-            if name in shipped:
+            if name in shipped or not _selectable(name):
                 continue
             store.store(group=kind, name=name, node={"_target_": "latentgen.registry.build", "kind": kind, "name": name},
                         provider=f"latentgen.registry:{kind}")

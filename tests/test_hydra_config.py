@@ -1,0 +1,96 @@
+"""Hydra config groups: every option composes and instantiates, values interpolate across components,
+registry names are options without YAML, and a wrong option names the alternatives."""
+
+import pytest
+from hydra.errors import MissingConfigException
+
+from latentgen import registry
+from latentgen.config import compose, register_component_options
+from latentgen.pipeline import LatentDiffusionPipeline, build_component
+
+GROUPS = ["codec", "denoiser", "conditioner", "scheduler", "dataset", "experiment"]
+
+
+def options(group):
+    """Every option Hydra offers for `group` (YAML files and registry entries)."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_component_options()
+    with initialize_config_module(config_module="latentgen.conf", version_base="1.3"):
+        return GlobalHydra.instance().config_loader().get_group_options(group)
+
+
+# Sizes that keep each option small enough for a test, whatever it is combined with.
+TINY = ["experiment=smoke"]
+EXTRA = {  # options whose own defaults need a matching partner to form a valid pipeline
+    ("conditioner", "class_label"): [],
+    ("codec", "identity"): [],
+}
+
+
+def test_every_group_lists_every_registered_component():
+    for kind in ["codec", "denoiser", "conditioner", "scheduler", "dataset"]:
+        offered = set(options(kind))
+        missing = set(registry.available(kind)) - offered - {"null"}
+        assert not missing, f"{kind}: registered but not an option: {missing}"
+    assert "unconditional" in options("conditioner")
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_instantiates(group, option):
+    overrides = TINY + [f"{group}={option}"] if group != "experiment" else [f"experiment={option}"]
+    cfg = compose("train", overrides)
+    if group == "experiment":
+        # Experiments set real budgets; build their components but do not train.
+        pipe = LatentDiffusionPipeline.from_config(cfg)
+        assert pipe.codec.name and pipe.denoiser.name
+        return
+    if group == "dataset":
+        dataset = build_component("dataset", {**cfg.dataset, **({"size": 16} if "size" in cfg.dataset else {})})
+        assert len(dataset) > 0 and dataset[0]["image"].shape[0] == 3
+        return
+    pipe = LatentDiffusionPipeline.from_config(cfg)
+    assert getattr(pipe, group).registry_name == (cfg[group]["name"] if cfg.get(group) else "null")
+    images = pipe("a red circle" if "prompt" in pipe.conditioner.input_keys else None,
+                  labels=[1] if "label" in pipe.conditioner.input_keys else None, steps=1, seed=0)
+    assert images[0].size == (cfg.sampling.width, cfg.sampling.height)
+
+
+def test_values_interpolate_across_components():
+    cfg = compose("train", TINY + ["codec=identity"])
+    assert cfg.denoiser.in_channels == 3 == cfg.codec.latent_channels
+    cfg = compose("train", TINY + ["conditioner=class_label"])
+    assert cfg.denoiser.vector_dim == cfg.conditioner.vector_dim and cfg.denoiser.context_dim is None
+    cfg = compose("train", TINY + ["conditioner=text_tiny", "conditioner.context_dim=48"])
+    assert cfg.denoiser.context_dim == 48
+    assert compose("train", TINY + ["~conditioner"]).denoiser.context_dim is None
+
+
+def test_a_runtime_registered_component_is_an_option_at_once():
+    from latentgen.schedulers.ddim import DDIMScheduler
+
+    registry.register("scheduler", "ddim_copy_for_test", DDIMScheduler)
+    try:
+        cfg = compose("train", TINY + ["scheduler=ddim_copy_for_test", "+scheduler.eta=0.5"])
+        assert dict(cfg.scheduler) == {"_target_": "latentgen.registry.build", "kind": "scheduler",
+                                       "name": "ddim_copy_for_test", "eta": 0.5}
+        assert build_component("scheduler", cfg.scheduler).eta == 0.5
+    finally:
+        registry.unregister("scheduler", "ddim_copy_for_test")
+
+
+def test_an_unknown_option_names_the_available_ones():
+    with pytest.raises(MissingConfigException) as error:
+        compose("train", ["scheduler=dpm_magic"])
+    message = str(error.value)
+    assert "scheduler/dpm_magic" in message and "ddim" in message and "ddpm" in message
+
+
+def test_a_config_that_names_an_import_path_is_refused():
+    from latentgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="through the registry"):
+        build_component("scheduler", {"_target_": "latentgen.schedulers.ddim.DDIMScheduler"})
+    with pytest.raises(ConfigError, match="no 'name'"):
+        build_component("scheduler", {"_target_": "latentgen.registry.build", "kind": "scheduler"})
