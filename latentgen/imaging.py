@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -28,20 +29,24 @@ def from_pil(images: Sequence[Image.Image], size: tuple[int, int] | None = None)
 
 
 def grid(images: Sequence[Image.Image], columns: int | None = None, labels: Sequence[str] | None = None,
-         padding: int = 2) -> Image.Image:
-    """Images tiled into one picture, row by row, with an optional caption strip under each."""
+         padding: int = 2, min_tile: int = 96) -> Image.Image:
+    """Images tiled row by row, each enlarged (nearest neighbour) to at least `min_tile` pixels
+    wide so small samples stay visible, with an optional caption wrapped under each."""
     if not images:
         raise ValueError("grid needs at least one image")
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    label_height = 12 if labels else 0
-    sheet = Image.new("RGB", (columns * (width + padding) + padding, rows * (height + label_height + padding) + padding), "white")
+    scale = max(1, math.ceil(min_tile / images[0].size[0]))
+    width, height = images[0].size[0] * scale, images[0].size[1] * scale
+    wrapped = [textwrap.wrap(str(label), width=max(4, width // 6))[:3] for label in labels] if labels else []
+    label_height = 11 * max((len(lines) for lines in wrapped), default=0)
+    sheet = Image.new("RGB", (columns * (width + padding) + padding,
+                              rows * (height + label_height + padding) + padding), "white")
     draw = ImageDraw.Draw(sheet)
     for index, image in enumerate(images):
         x = padding + (index % columns) * (width + padding)
         y = padding + (index // columns) * (height + label_height + padding)
-        sheet.paste(image.convert("RGB").resize((width, height)), (x, y))
-        if labels:
-            draw.text((x + 1, y + height), str(labels[index])[: max(1, width // 6)], fill="black")
+        sheet.paste(image.convert("RGB").resize((width, height), Image.Resampling.NEAREST), (x, y))
+        for line_number, line in enumerate(wrapped[index] if wrapped else []):
+            draw.text((x + 1, y + height + 11 * line_number), line, fill="black")
     return sheet

@@ -288,14 +288,13 @@ class LatentDiffusionPipeline:
 def _check_provenance(provenance: Mapping[str, Mapping[str, str]], path: Path) -> None:
     """Say which distribution to install when a checkpoint's component is missing; warn on version drift."""
     for kind, info in provenance.items():
-        if kind not in KINDS or info.get("name") in registry.available(kind):
-            entry = registry.resolve(kind, info["name"]) if kind in KINDS else None
-            if entry is not None and (entry.distribution, entry.version) != (info.get("distribution"), info.get("version")):
-                warnings.warn(f"checkpoint '{path}' was written with {kind} '{info['name']}' from "
-                              f"{info.get('distribution')} {info.get('version')}; this environment has "
-                              f"{entry.provenance}", stacklevel=3)
+        if kind not in KINDS:
             continue
-        raise ConfigError(
-            f"checkpoint '{path}' needs {kind} '{info.get('name')}' from distribution '{info.get('distribution')}' "
-            f"{info.get('version')}, which is not installed here: pip install {info.get('distribution')}"
-        )
+        name, distribution, version = info.get("name"), info.get("distribution"), info.get("version")
+        if name not in registry.available(kind):
+            raise ConfigError(f"checkpoint '{path}' needs {kind} '{name}' from distribution '{distribution}' "
+                              f"{version}, which is not installed here: pip install {distribution}")
+        entry = registry.resolve(kind, name)
+        if (entry.distribution, entry.version) != (distribution, version):
+            warnings.warn(f"checkpoint '{path}' was written with {kind} '{name}' from {distribution} {version}; "
+                          f"this environment has {entry.provenance}", stacklevel=3)

@@ -88,3 +88,29 @@ def test_pixel_space_class_conditional_training(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "codec" not in summary and summary["denoiser"]["grid_captions"]
+
+
+def test_a_killed_run_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL at an arbitrary moment of stage 2, while checkpoints are rewritten every 2 steps."""
+    import signal
+    import time
+
+    from latentgen.checkpoint import read_metadata
+
+    process = subprocess.Popen([str(BIN / "latentgen-train"), "experiment=smoke", "train.denoiser.steps=100000",
+                                "train.checkpoint_every=2", f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "checkpoints" / "last.safetensors"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if checkpoint.exists() and read_metadata(checkpoint).get("latentgen.stage") == "denoiser":
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)  # well into the rewriting
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    metadata = read_metadata(checkpoint)
+    assert metadata["latentgen.stage"] == "denoiser" and int(metadata["latentgen.step"]) >= 2
+    assert len(LatentDiffusionPipeline.from_checkpoint(checkpoint)("a red circle", steps=1, seed=0)) == 1

@@ -1,1 +1,1 @@
-
+"""First-stage codecs: images <-> latents."""

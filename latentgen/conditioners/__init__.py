@@ -1,1 +1,1 @@
-
+"""Conditioners: prompts, labels and images -> the cond dict a denoiser reads."""

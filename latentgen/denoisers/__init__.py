@@ -1,1 +1,1 @@
-
+"""Denoising networks trained in latent space."""

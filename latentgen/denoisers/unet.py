@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentgen.contracts import Denoiser
-from latentgen.nn.attention import GroupNorm32, SpatialTransformer
+from latentgen.nn.attention import SpatialTransformer
+from latentgen.nn.normalization import GroupNorm32
 from latentgen.nn.timestep_embedding import timestep_embedding
 
 

@@ -22,6 +22,7 @@ CHECKPOINT_NAME = "last.safetensors"
 def run_training(cfg: Any, run_dir: Path) -> Path:
     """Train both stages as `cfg` says, writing into `run_dir`; returns the final checkpoint's path."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     train = cfg["train"]
     device = resolve_device(cfg.get("device"))
     torch.manual_seed(int(cfg["seed"]))
