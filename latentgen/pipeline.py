@@ -204,8 +204,8 @@ class LatentDiffusionPipeline:
                 )
         missing = [key for key in reads if given.get(key) is None]
         if missing:
-            raise ValueError(f"conditioner '{self.conditioner.name}' needs {missing[0]}=...; "
-                             f"(an empty prompt \"\" gives unconditional samples from a text model)")
+            hint = ' (an empty prompt "" gives unconditional samples)' if missing[0] == "prompt" else ""
+            raise ValueError(f"conditioner '{self.conditioner.name}' needs {missing[0]}=...{hint}")
         batch: dict[str, Any] = {}
         if prompts is not None:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -240,7 +240,11 @@ class LatentDiffusionPipeline:
         batch = self.inputs(prompts, labels, num_images)
         batch_size = len(next(iter(batch.values()))) if batch else num_images
         if generator is None:
-            generator = torch.Generator("cpu").manual_seed(int(seed) if seed is not None else torch.seed())
+            generator = torch.Generator("cpu")
+            if seed is not None:
+                generator.manual_seed(int(seed))
+            else:
+                generator.seed()  # a fresh random seed for this generator only, not the global RNG
         device = self.device
 
         cond = self.conditioner(batch)
