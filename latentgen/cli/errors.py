@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 from latentgen.errors import LatentgenError
@@ -18,8 +19,6 @@ def reported():
     try:
         yield
     except (LatentgenError, ValueError, FileNotFoundError) as exc:
-        import os
-
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {exc}", file=sys.stderr)
