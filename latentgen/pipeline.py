@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from latentgen import registry
@@ -16,10 +17,11 @@ from latentgen.checkpoint import (COMPONENTS_KEY, CONFIG_KEY, FORMAT_KEY, FORMAT
 from latentgen.compatibility import check_compatible
 from latentgen.contracts import Codec, Conditioner, Denoiser, Scheduler
 from latentgen.diffusion.guidance import ClassifierFreeGuidance
+from latentgen.diffusion.inpainting import MaskBlendedDenoiser, latent_mask
 from latentgen.diffusion.noise_schedule import DiscreteNoiseSchedule
 from latentgen.diffusion.prediction import DiscreteTimeDenoiser
 from latentgen.errors import ConfigError
-from latentgen.imaging import to_pil
+from latentgen.imaging import from_pil, to_pil
 
 MODULE_KINDS = ("codec", "denoiser", "conditioner")
 KINDS = (*MODULE_KINDS, "scheduler")
@@ -137,14 +139,27 @@ class LatentDiffusionPipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
-                        scheduler: Scheduler | None = None) -> "LatentDiffusionPipeline":
-        """Rebuild the components a latentgen checkpoint names and load its weights."""
+                        scheduler: Scheduler | None = None, dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
+        """A latentgen checkpoint, or an original Stable Diffusion single file (.safetensors or .ckpt,
+        loaded through `latentgen.interop.stable_diffusion.load_pipeline`)."""
+        from latentgen.interop.stable_diffusion import is_original_checkpoint, load_pipeline
+
         path = Path(path)
+        if is_original_checkpoint(path):
+            pipe = load_pipeline(path, dtype=dtype, device=device)
+        else:
+            pipe = cls._from_latentgen_checkpoint(path, device)
+            if dtype is not None:
+                pipe.to(dtype=dtype)
+        if scheduler is not None:
+            pipe.scheduler = scheduler
+        return pipe
+
+    @classmethod
+    def _from_latentgen_checkpoint(cls, path: Path, device: str | torch.device) -> "LatentDiffusionPipeline":
         config, provenance = read_checkpoint(path)
         _check_provenance(provenance, path)
         pipe = cls.from_config(config)
-        if scheduler is not None:
-            pipe.scheduler = scheduler
         tensors = load_tensors(path, device)
         for kind in MODULE_KINDS:
             prefix = f"{kind}."
@@ -202,7 +217,7 @@ class LatentDiffusionPipeline:
                     f"a {key} was given to {what} (conditioner '{self.conditioner.name}'); "
                     + (f"pass {sorted(reads)[0]}=... instead" if reads else f"drop the {key}, or load a model trained with a {key} conditioner")
                 )
-        missing = [key for key in reads if given.get(key) is None]
+        missing = [key for key in reads if key in given and given[key] is None]
         if missing:
             hint = ' (an empty prompt "" gives unconditional samples)' if missing[0] == "prompt" else ""
             raise ValueError(f"conditioner '{self.conditioner.name}' needs {missing[0]}=...{hint}")
@@ -215,17 +230,64 @@ class LatentDiffusionPipeline:
             batch["label"] = labels.repeat_interleave(num_images)
         return batch
 
+    def _image_batch(self, image: Any, batch_size: int, height: int | None, width: int | None) -> torch.Tensor:
+        """PIL image(s) or a (B, 3, H, W) tensor in [-1, 1] -> (batch_size, 3, H, W) on the codec's device."""
+        if isinstance(image, torch.Tensor):
+            images = image if image.ndim == 4 else image[None]
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"an image tensor must be (B, 3, H, W) in [-1, 1]; got {tuple(image.shape)}")
+            if height and width and tuple(images.shape[2:]) != (height, width):
+                images = F.interpolate(images.float(), size=(height, width), mode="bicubic").clamp(-1, 1)
+        else:
+            pictures = list(image) if isinstance(image, (list, tuple)) else [image]
+            size = (width, height) if height and width else None
+            images = from_pil(pictures, size)
+        return _repeat_to(images, batch_size, "image").to(self.codec_device)
+
+    def _mask_batch(self, mask: Any, batch_size: int, height: int, width: int) -> torch.Tensor:
+        """PIL mask(s) (white = repaint) or a tensor (B, 1, H, W) in [0, 1] -> (batch_size, 1, H, W)."""
+        if isinstance(mask, torch.Tensor):
+            masks = mask.float()
+            while masks.ndim < 4:
+                masks = masks[None]
+            if masks.shape[1] != 1:
+                raise ValueError(f"a mask tensor must be (B, 1, H, W) in [0, 1]; got {tuple(mask.shape)}")
+        else:
+            pictures = list(mask) if isinstance(mask, (list, tuple)) else [mask]
+            masks = (from_pil([p.convert("L").convert("RGB") for p in pictures])[:, :1] + 1) / 2
+        masks = F.interpolate(masks, size=(height, width), mode="nearest") if tuple(masks.shape[2:]) != (height, width) else masks
+        return _repeat_to(masks, batch_size, "mask").to(self.codec_device)
+
+    @property
+    def codec_device(self) -> torch.device:
+        return next(self.codec.parameters(), torch.empty(0, device=self.device)).device
+
     @torch.inference_mode()
     def sample_latents(self, prompts=None, *, labels=None, negative_prompts=None, num_images: int = 1,
                        steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
                        generator: torch.Generator | None = None, height: int | None = None,
-                       width: int | None = None, spacing: str | None = None,
+                       width: int | None = None, spacing: str | None = None, image: Any = None,
+                       strength: float | None = None, mask: Any = None,
                        callback: Callable[[dict], None] | None = None) -> torch.Tensor:
         """Scaled latents (B, C, h, w) for the given prompts/labels; see `__call__`."""
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1; got {num_images}")
+        if mask is not None and image is None:
+            raise ValueError("a mask needs the image it applies to: pass image=... as well")
         steps = int(steps if steps is not None else self.sampling["steps"])
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1; got {steps}")
         guidance_scale = float(guidance_scale if guidance_scale is not None else self.sampling["guidance_scale"])
+        strength = float(strength if strength is not None else (1.0 if mask is not None else 0.8))
+        if image is not None and not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1] (the fraction of the sampling path redone); got {strength}")
+
+        batch = self.inputs(prompts, labels, num_images)
+        batch_size = len(next(iter(batch.values()))) if batch else num_images
+        images = None
+        if image is not None:
+            images = self._image_batch(image, batch_size, height, width)
+            height, width = height or images.shape[2], width or images.shape[3]
         height = height or self.sampling["height"]
         width = width or self.sampling["width"]
         if height is None or width is None:
@@ -236,9 +298,14 @@ class LatentDiffusionPipeline:
             step = multiple * self.codec.downsampling_factor
             raise ValueError(f"denoiser '{self.denoiser.name}' needs latents divisible by {multiple}, so the image size "
                              f"must be a multiple of {step}; got {height}x{width}")
+        masks = self._mask_batch(mask, batch_size, int(height), int(width)) if mask is not None else None
+        if "masked_image_latents" in self.conditioner.input_keys:
+            # An inpainting model (e.g. SD's 9-channel one) reads the mask and the masked image's latents.
+            if masks is None:
+                raise ValueError(f"conditioner '{self.conditioner.name}' belongs to an inpainting model: pass image= and mask=")
+            batch["mask"] = masks
+            batch["masked_image_latents"] = self.codec.encode(images * (masks < 0.5).to(images.dtype)).float()
 
-        batch = self.inputs(prompts, labels, num_images)
-        batch_size = len(next(iter(batch.values()))) if batch else num_images
         if generator is None:
             generator = torch.Generator("cpu")
             if seed is not None:
@@ -263,8 +330,17 @@ class LatentDiffusionPipeline:
 
         sigmas = self.schedule.sigma_grid(steps, spacing or self.sampling["spacing"]).to(device)
         # Noise is drawn on the CPU generator so a seed means the same image on every device.
-        noise = torch.randn((batch_size, self.codec.latent_channels, latent_h, latent_w), generator=generator)
-        x = noise.to(device) * sigmas[0].to(torch.float32)
+        noise = torch.randn((batch_size, self.codec.latent_channels, latent_h, latent_w), generator=generator).to(device)
+        if images is None:
+            return self.scheduler(denoise, noise * sigmas[0].to(torch.float32), sigmas, generator=generator,
+                                  callback=callback)
+        # img2img (Meng et al. 2022, SDEdit): noise the image's latents part-way, redo the rest of the path.
+        known = self.codec.encode(images).float().to(device)
+        sigmas = sigmas[steps - max(1, round(steps * strength)):]
+        x = known + noise * sigmas[0].to(torch.float32)
+        if masks is not None and "masked_image_latents" not in self.conditioner.input_keys:
+            blended = MaskBlendedDenoiser(denoise, known, latent_mask(masks, (latent_h, latent_w)).to(device))
+            return blended.blend(self.scheduler(blended, x, sigmas, generator=generator, callback=callback))
         return self.scheduler(denoise, x, sigmas, generator=generator, callback=callback)
 
     @torch.inference_mode()
@@ -278,7 +354,8 @@ class LatentDiffusionPipeline:
 
         Options: labels, negative_prompts, num_images (per prompt/label, or in all for an
         unconditional model), steps, guidance_scale, seed or generator, height, width, spacing,
-        callback. `output_type` "pil" (default), "tensor" ((B, 3, H, W) in [-1, 1]) or "latent".
+        callback; `image` (PIL or (B, 3, H, W) tensor) with `strength` for img2img, and `mask`
+        (white / 1 = repaint) with it for inpainting. `output_type` "pil" (default), "tensor" ((B, 3, H, W) in [-1, 1]) or "latent".
         """
         if output_type not in ("pil", "tensor", "latent"):
             raise ValueError(f"output_type must be 'pil', 'tensor' or 'latent'; got {output_type!r}")
@@ -287,6 +364,15 @@ class LatentDiffusionPipeline:
             return latents
         images = self.decode(latents)
         return images if output_type == "tensor" else to_pil(images)
+
+
+def _repeat_to(tensor: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+    """One item for the whole batch, or exactly one per item."""
+    if tensor.shape[0] == batch_size:
+        return tensor
+    if tensor.shape[0] == 1:
+        return tensor.expand(batch_size, *tensor.shape[1:])
+    raise ValueError(f"got {tensor.shape[0]} {what}s for a batch of {batch_size}: pass one, or one per image")
 
 
 def _check_provenance(provenance: Mapping[str, Mapping[str, str]], path: Path) -> None:

@@ -2,6 +2,7 @@
 registry names are options without YAML, and a wrong option names the alternatives."""
 
 import pytest
+import torch
 from hydra.errors import MissingConfigException
 
 from latentgen import registry
@@ -23,10 +24,8 @@ def options(group):
 
 # Sizes that keep each option small enough for a test, whatever it is combined with.
 TINY = ["experiment=smoke"]
-EXTRA = {  # options whose own defaults need a matching partner to form a valid pipeline
-    ("conditioner", "class_label"): [],
-    ("codec", "identity"): [],
-}
+# Options that only make sense with a matching partner (an inpainting denoiser for the masked image).
+PARTNERS = {("conditioner", "masked_image"): ["denoiser.in_channels=9", "+denoiser.concat_channels=5"]}
 
 
 def test_every_group_lists_every_registered_component():
@@ -40,6 +39,7 @@ def test_every_group_lists_every_registered_component():
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_instantiates(group, option):
     overrides = TINY + [f"{group}={option}"] if group != "experiment" else [f"experiment={option}"]
+    overrides += PARTNERS.get((group, option), [])
     cfg = compose("train", overrides)
     if group == "experiment":
         # Experiments set real budgets; build their components but do not train.
@@ -52,8 +52,10 @@ def test_every_option_composes_and_instantiates(group, option):
         return
     pipe = LatentDiffusionPipeline.from_config(cfg)
     assert getattr(pipe, group).registry_name == (cfg[group]["name"] if cfg.get(group) else "null")
-    images = pipe("a red circle" if "prompt" in pipe.conditioner.input_keys else None,
-                  labels=[1] if "label" in pipe.conditioner.input_keys else None, steps=1, seed=0)
+    reads = pipe.conditioner.input_keys
+    inpainting = {"image": torch.zeros(1, 3, 16, 16), "mask": torch.ones(1, 1, 16, 16)} if "mask" in reads else {}
+    images = pipe("a red circle" if "prompt" in reads else None, labels=[1] if "label" in reads else None,
+                  steps=1, seed=0, **inpainting)
     assert images[0].size == (cfg.sampling.width, cfg.sampling.height)
 
 

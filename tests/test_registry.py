@@ -23,13 +23,15 @@ import latentgen
 from latentgen import registry
 from latentgen.errors import ComponentConflictError, ComponentNotFoundError, ConfigError, PluginLoadError
 
-BUILTINS = {
-    "codec": ["identity", "kl"],
-    "denoiser": ["unet"],
-    "conditioner": ["class_label", "null", "text"],
-    "scheduler": ["ddim", "ddpm"],
-    "dataset": ["digits", "shapes"],
-}
+def _declared_builtins() -> dict[str, list[str]]:
+    """The entry points latentgen's own pyproject.toml declares, by kind: the source of truth."""
+    import tomllib
+
+    entry_points = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["entry-points"]
+    return {kind: sorted(entry_points[group]) for kind, group in registry.GROUPS.items()}
+
+
+BUILTINS = _declared_builtins()
 
 # Small parameters so that building every built-in takes a fraction of a second on a CPU.
 SMALL_PARAMS = {
@@ -40,6 +42,10 @@ SMALL_PARAMS = {
     ("conditioner", "null"): {},
     ("conditioner", "class_label"): dict(num_classes=3, vector_dim=8),
     ("conditioner", "text"): dict(context_dim=16, num_layers=1, num_heads=2),
+    ("conditioner", "clip_text"): dict(context_dim=32, layers=1, heads=2, vocab_size=1000),
+    ("conditioner", "masked_image"): dict(latent_channels=4),
+    ("conditioner", "stack"): dict(conditioners=[{"name": "class_label", "num_classes": 3, "vector_dim": 8},
+                                                 {"name": "masked_image"}]),
     ("scheduler", "ddim"): {},
     ("scheduler", "ddpm"): {},
     ("dataset", "shapes"): dict(image_size=16, size=8),
@@ -554,3 +560,7 @@ def test_plugins_command_shows_conflicts(tmp_path):
     assert len(ddim_lines) == 2, result.stdout
     assert {line.split()[1] for line in ddim_lines} == {"latentgen", "fake-rival"}
     assert all("CONFLICT" in line for line in ddim_lines)
+
+
+def test_every_declared_builtin_is_built_by_these_tests():
+    assert set(SMALL_PARAMS) == {(kind, name) for kind, names in BUILTINS.items() for name in names}

@@ -1,0 +1,125 @@
+"""CLIP text conditioning as Stable Diffusion uses it: v1 with OpenAI CLIP (Radford et al. 2021, CLIP),
+v2 with OpenCLIP (Cherti et al. 2023; Ilharco et al. 2021, OpenCLIP)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from latentgen.contracts import Conditioner
+from latentgen.text.clip_text_model import HIDDEN_ACTS, CLIPTextTransformer
+from latentgen.text.clip_tokenizer import CLIPTokenizer
+from latentgen.text.openclip_text_model import OpenCLIPTextTower
+
+LAYOUTS = ("clip", "openclip")
+LAYERS = {"last": -1, "penultimate": -2}
+DEFAULT_PAD_ID = {"clip": 49407, "openclip": 0}
+DEFAULT_HIDDEN_ACT = {"clip": "quick_gelu", "openclip": "gelu"}
+
+
+class CLIPTextConditioner(Conditioner):
+    """Prompts (list[str]) -> "crossattn" (B, max_length, context_dim): the layer-normed hidden state of a CLIP
+    text tower (Radford et al. 2021); the empty prompt "" is the unconditional input.
+
+    layout "clip" is SD v1's tower (attribute `transformer`, keys as `cond_stage_model.transformer.*`),
+    "openclip" SD v2's (attribute `model`, keys as `cond_stage_model.model.*`). `layer` "last" is the
+    SD v1 convention, "penultimate" SD v2's; either way the tower's final layer norm is applied.
+    `pad_id` and `hidden_act` default to the layout's own (49407 and quick_gelu for "clip", 0 and
+    gelu for "openclip"). Defaults otherwise build CLIP ViT-L/14's text tower.
+    """
+
+    def __init__(self, layout: str = "clip", context_dim: int = 768, layers: int = 12, heads: int = 12,
+                 intermediate_size: int | None = None, vocab_size: int = 49408, max_length: int = 77,
+                 hidden_act: str | None = None, layer: str = "last", pad_id: int | None = None,
+                 dropout: float = 0.1, input_key: str = "prompt"):
+        super().__init__()
+        width = context_dim  # the tower's width is the width of the tokens it gives cross-attention
+        self._check_options(layout, width, layers, heads, intermediate_size, vocab_size, max_length,
+                            hidden_act, layer, dropout)
+        hidden_act = DEFAULT_HIDDEN_ACT[layout] if hidden_act is None else hidden_act
+        intermediate_size = 4 * width if intermediate_size is None else int(intermediate_size)
+        self.layout = layout
+        self.width = int(width)
+        self.vocab_size = int(vocab_size)
+        self.max_length = int(max_length)
+        self.layer = layer
+        self.pad_id = DEFAULT_PAD_ID[layout] if pad_id is None else int(pad_id)
+        self.dropout = float(dropout)
+        self.input_keys = (input_key,)
+        self._tokenizer: CLIPTokenizer | None = None  # built on first use: reading the vocabulary takes ~0.1 s
+        if layout == "clip":
+            self.transformer = CLIPTextTransformer(vocab_size, width, intermediate_size, layers, heads, max_length,
+                                                   hidden_act)
+        else:
+            self.model = OpenCLIPTextTower(vocab_size, width, layers, heads, intermediate_size / width, max_length,
+                                           embed_dim=width, hidden_act=hidden_act)
+
+    def _check_options(self, layout: str, width: int, layers: int, heads: int, intermediate_size: int | None,
+                       vocab_size: int, max_length: int, hidden_act: str | None, layer: str, dropout: float) -> None:
+        def fail(message: str) -> None:
+            raise ValueError(f"conditioner '{self.name}': {message}")
+
+        if layout not in LAYOUTS:
+            fail(f"unknown layout '{layout}'; valid values: {', '.join(LAYOUTS)}")
+        if layer not in LAYERS:
+            fail(f"unknown layer '{layer}'; valid values: {', '.join(LAYERS)}")
+        if hidden_act is not None and hidden_act not in HIDDEN_ACTS:
+            fail(f"unknown hidden_act '{hidden_act}'; valid values: {', '.join(HIDDEN_ACTS)}")
+        for option, value in (("context_dim", width), ("heads", heads), ("vocab_size", vocab_size)):
+            if int(value) < 1:
+                fail(f"{option} must be a positive integer; got {value}")
+        if intermediate_size is not None and int(intermediate_size) < 1:
+            fail(f"intermediate_size must be a positive integer or None (4 * context_dim); got {intermediate_size}")
+        if width % heads:
+            fail(f"context_dim {width} must be divisible by heads {heads}")
+        if layers < (2 if layer == "penultimate" else 1):
+            fail(f"layer '{layer}' needs at least {2 if layer == 'penultimate' else 1} layers; got layers={layers}")
+        if max_length < 2:
+            fail(f"max_length must be at least 2 (start and end tokens); got {max_length}")
+        if not 0.0 <= dropout <= 1.0:
+            fail(f"dropout is a probability in [0, 1]; got {dropout}")
+
+    @property
+    def tower(self) -> CLIPTextTransformer | OpenCLIPTextTower:
+        return self.transformer if self.layout == "clip" else self.model
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = CLIPTokenizer(context_length=self.max_length, pad_id=self.pad_id)
+        return self._tokenizer
+
+    @property
+    def outputs(self) -> dict[str, int]:
+        return {"crossattn": self.width}
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> token ids (B, max_length) on the module's device."""
+        return self.tokenizer(prompts).to(self.device)
+
+    def encode_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, max_length) -> the final-layer-normed hidden state of `layer` (B, max_length, width)."""
+        if input_ids.device.type != "meta" and input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"conditioner '{self.name}': token ids must lie in 0..{self.vocab_size - 1} "
+                                 f"(vocab_size); got ids {low}..{high}")
+        tower = self.tower
+        hidden = tower(input_ids.to(self.device), layer=LAYERS[self.layer])  # (B, L, D)
+        norm = tower.final_layer_norm if self.layout == "clip" else tower.ln_final
+        return norm(hidden)
+
+    def _prompts(self, batch: Mapping[str, Any]) -> list[str]:
+        self.check_inputs(batch)
+        prompts = batch[self.input_keys[0]]
+        return [prompts] if isinstance(prompts, str) else list(prompts)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return {"crossattn": self.encode_ids(self.tokenize(self._prompts(batch)))}  # (B, L, D)
+
+    def unconditional(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The encoding of the empty prompt for every item (what SD uses for classifier-free guidance)."""
+        count = len(self._prompts(batch))
+        empty = self.encode_ids(self.tokenize([""]))  # (1, L, D)
+        return {"crossattn": empty.repeat(count, 1, 1)}  # (B, L, D)

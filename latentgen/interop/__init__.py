@@ -1,0 +1,1 @@
+"""Reading and writing other projects' checkpoint formats (original Stable Diffusion single files)."""

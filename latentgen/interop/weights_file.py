@@ -1,0 +1,85 @@
+"""Reading a single-file checkpoint (.safetensors or .ckpt) tensor by tensor, without a second full copy.
+
+A `.safetensors` file is memory-mapped and each tensor is read when asked for; a `.ckpt` is opened
+with `torch.load(weights_only=True, mmap=True)`, which refuses any pickle that would run code.
+Either way `tensor(key, dtype)` casts straight to the target dtype, so an fp16 file becomes a bf16
+model without an fp32 detour.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from latentgen.checkpoint import _header
+from latentgen.errors import CheckpointError
+
+
+class WeightsFile:
+    """The tensors of one checkpoint file, by key, loaded lazily."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"checkpoint '{self.path}' does not exist; check the path")
+        self._safetensors = None
+        self._state: dict[str, torch.Tensor] | None = None
+        if self._is_safetensors():
+            from safetensors import safe_open
+
+            header = _header(self.path)  # names truncation and corruption precisely
+            self._shapes = {key: (tuple(entry["shape"]), entry["dtype"]) for key, entry in header.items()
+                            if key != "__metadata__"}
+            self._safetensors = safe_open(str(self.path), framework="pt", device="cpu")
+        else:
+            self._state = self._load_pickle()
+            self._shapes = {key: (tuple(value.shape), str(value.dtype)) for key, value in self._state.items()}
+
+    def _is_safetensors(self) -> bool:
+        with open(self.path, "rb") as handle:
+            prefix = handle.read(8)
+        if self.path.suffix == ".safetensors":
+            return True
+        return len(prefix) == 8 and not zipfile.is_zipfile(self.path) and prefix[:1] != b"\x80"
+
+    def _load_pickle(self) -> dict[str, torch.Tensor]:
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"'{self.path}' is a pickle that needs code execution to load ({str(exc).splitlines()[0][:200]}); "
+                f"latentgen refuses to run it. Convert it to .safetensors with the tool that made it, or load a "
+                f".safetensors copy"
+            ) from exc
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+            raise CheckpointError(f"'{self.path}' is not a readable checkpoint (truncated or corrupt .ckpt?): {exc}") from exc
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]  # the Lightning wrapper of the original training code
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"'{self.path}' does not hold a dict of tensors (found {type(state).__name__})")
+        return state
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key][0]
+
+    def dtype_name(self, key: str) -> str:
+        return self._shapes[key][1]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        value = self._safetensors.get_tensor(key) if self._safetensors is not None else self._state[key]
+        if dtype is not None and value.dtype.is_floating_point and value.dtype != dtype:
+            value = value.to(dtype)
+        return value
+
+    def tensors(self, keys: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return {key: self.tensor(key, dtype) for key in keys}
