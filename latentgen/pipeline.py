@@ -139,14 +139,18 @@ class LatentDiffusionPipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
-                        scheduler: Scheduler | None = None, dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
+                        scheduler: Scheduler | None = None, dtype: torch.dtype | None = None,
+                        original_config: Any = None) -> "LatentDiffusionPipeline":
         """A latentgen checkpoint, or an original Stable Diffusion single file (.safetensors or .ckpt,
-        loaded through `latentgen.interop.stable_diffusion.load_pipeline`)."""
+        loaded through `latentgen.interop.stable_diffusion.load_pipeline`, with its inference YAML
+        as `original_config` when it is not a standard v1/v2 model)."""
         from latentgen.interop.stable_diffusion import is_original_checkpoint, load_pipeline
 
         path = Path(path)
         if is_original_checkpoint(path):
-            pipe = load_pipeline(path, dtype=dtype, device=device)
+            pipe = load_pipeline(path, original_config=original_config, dtype=dtype, device=device)
+        elif original_config is not None:
+            raise ConfigError(f"original_config applies to original Stable Diffusion files; '{path}' is not one")
         else:
             pipe = cls._from_latentgen_checkpoint(path, device)
             if dtype is not None:

@@ -24,3 +24,32 @@ def test_train_in_python_then_generate(tmp_path):
     out = run(EXAMPLES / "generate.py", checkpoint, "a red circle", "a blue star", "--steps", "3", "--num-images", "2",
               "--scheduler", "ddpm", cwd=tmp_path)
     assert "4 images -> generated.png" in out and (tmp_path / "generated.png").is_file()
+
+
+def test_stable_diffusion_examples(tmp_path, shared_dir):
+    """txt2img, img2img and inpainting scripts on a tiny original-layout checkpoint."""
+    import torch
+    import yaml
+    from PIL import Image
+
+    from latentgen.interop.original_config import pipeline_config
+    from latentgen.interop.stable_diffusion import save_original
+    from latentgen.pipeline import LatentDiffusionPipeline
+
+    original = yaml.safe_load((shared_dir / "golden" / "sd-tiny-config.yaml").read_text())
+    original["model"]["params"]["cond_stage_config"]["params"]["text_config"]["vocab_size"] = 49408
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(original))
+    torch.manual_seed(0)
+    save_original(LatentDiffusionPipeline.from_config(pipeline_config(original)), tmp_path / "tiny.safetensors")
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "photo.png")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    mask.save(tmp_path / "mask.png")
+    common = ["--config", tmp_path / "config.yaml", "--steps", "2"]
+    assert "2 images -> txt2img.png" in run(EXAMPLES / "txt2img.py", tmp_path / "tiny.safetensors", "a red circle",
+                                            "a cat", *common, "--negative", "blurry", cwd=tmp_path)
+    assert "1 images -> img.png" in run(EXAMPLES / "txt2img.py", tmp_path / "tiny.safetensors", "a red circle", *common,
+                                        "--image", tmp_path / "photo.png", "--strength", "0.5", "--out", "img.png",
+                                        cwd=tmp_path)
+    assert "2 images -> inpaint.png" in run(EXAMPLES / "inpaint.py", tmp_path / "tiny.safetensors", tmp_path / "photo.png",
+                                            tmp_path / "mask.png", "a blue square", *common, cwd=tmp_path)

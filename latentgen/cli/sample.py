@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -14,6 +15,7 @@ from latentgen.cli.errors import reported
 from latentgen.config import register_component_options
 
 log = logging.getLogger("latentgen.sample")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _as_list(value):
@@ -31,9 +33,13 @@ def _sample(cfg: DictConfig) -> None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with reported():
+        if cfg.dtype is not None and cfg.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or null; got {cfg.dtype!r}")
         device = resolve_device(cfg.device)
         scheduler = build_component("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
-        pipe = LatentDiffusionPipeline.from_checkpoint(cfg.checkpoint, device=device, scheduler=scheduler)
+        dtype = _DTYPES[cfg.dtype] if cfg.dtype is not None else None
+        pipe = LatentDiffusionPipeline.from_checkpoint(cfg.checkpoint, device=device, scheduler=scheduler, dtype=dtype,
+                                                       original_config=cfg.original_config)
         prompts, labels = _as_list(cfg.prompt), _as_list(cfg.label)
         images = pipe(prompts, labels=labels, negative_prompts=cfg.negative_prompt, num_images=int(cfg.num_images),
                       steps=cfg.steps, guidance_scale=cfg.guidance_scale, seed=int(cfg.seed),

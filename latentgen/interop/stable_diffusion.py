@@ -13,7 +13,6 @@ prefix mapping, checked key by key and shape by shape before any weight is read.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -107,7 +106,7 @@ def _mapped_modules(codec, denoiser, conditioner) -> list[tuple[str, torch.nn.Mo
     return [("denoiser", denoiser, UNET), ("codec", codec, VAE), ("conditioner", text, TEXT)]
 
 
-def load_pipeline(checkpoint: str | Path, original_config: str | Path | Mapping[str, Any] | None = None,
+def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | Path | Mapping[str, Any] | None = None,
                   dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                   use_ema: bool | None = None, prediction_type: str | None = None) -> LatentDiffusionPipeline:
     """A pipeline from an original single-file checkpoint (.safetensors memory-mapped, or .ckpt).
@@ -116,8 +115,11 @@ def load_pipeline(checkpoint: str | Path, original_config: str | Path | Mapping[
     taken as the 768-v model, v-prediction: pass `prediction_type="eps"` for the 512 base model).
     `dtype`: the weights' dtype in memory (default float32), cast tensor by tensor from the file.
     `use_ema`: load `model_ema.*` when present (default: yes, as the original inference does).
+    `checkpoint` may also be an open `WeightsFile` (or anything with its `path`, `keys`, `shape`,
+    `tensor` and `in`).
     """
-    weights = WeightsFile(checkpoint)
+    weights = WeightsFile(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    checkpoint = weights.path
     if original_config is None:
         original = standard_config(infer_family(weights))
         unet_params = original["model"]["params"]["unet_config"]["params"]
@@ -141,12 +143,14 @@ def load_pipeline(checkpoint: str | Path, original_config: str | Path | Mapping[
     if use_ema and not has_ema:
         raise CheckpointError(f"use_ema=True but '{checkpoint}' has no '{EMA}*' weights")
 
+    shadowed = set()  # non-EMA UNet weights replaced by their EMA: passed through, not unexpected
     for kind, module, prefix in _mapped_modules(modules["codec"], modules["denoiser"], modules["conditioner"]):
         wanted = module.state_dict()
         located, missing, mismatched = {}, [], []
         for name, expected in wanted.items():
             key = prefix + name
             if kind == "denoiser" and use_ema and _ema_key(key) in keys:
+                shadowed.add(keys.get(key, key))
                 key = _ema_key(key)
             if key not in keys:
                 missing.append(f"{key} {tuple(expected.shape)}")
@@ -170,7 +174,7 @@ def load_pipeline(checkpoint: str | Path, original_config: str | Path | Mapping[
 
     used = set(source.origin.values())
     unexpected = [key for key in weights.keys()
-                  if key not in used and _normalized(key).startswith((UNET, VAE, TEXT))
+                  if key not in used and key not in shadowed and _normalized(key).startswith((UNET, VAE, TEXT))
                   and not key.startswith(_SKIPPED) and not key.endswith(_POSITION_IDS)]
     if unexpected:
         raise CheckpointError(
@@ -193,7 +197,8 @@ def save_original(pipe: LatentDiffusionPipeline, path: str | Path, dtype: torch.
 
     Weights go back under the keys they were loaded from (EMA ones too), and the file's other
     tensors (noise-schedule buffers, unused EMA or non-EMA copies, loss weights) pass through
-    unchanged: loading and saving an unmodified checkpoint gives the same tensors bit for bit.
+    unchanged: loading and saving an unmodified checkpoint gives the same tensors bit for bit. A
+    pipeline that was not loaded from such a file is written as its model weights alone.
     """
     source: SourceFile | None = getattr(pipe, "source", None)
     origin = source.origin if source is not None else {}
@@ -207,7 +212,4 @@ def save_original(pipe: LatentDiffusionPipeline, path: str | Path, dtype: torch.
         for key in source.passthrough:
             if key not in tensors:
                 tensors[key] = original.tensor(key)
-    if source is None:
-        warnings.warn("this pipeline was not loaded from an original file: the written checkpoint has the model "
-                      "weights only (no noise-schedule buffers), which every loader accepts", stacklevel=2)
     return save_tensors(path, tensors, {})

@@ -48,7 +48,13 @@ class WeightsFile:
 
     def _load_pickle(self) -> dict[str, torch.Tensor]:
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # A pre-zip (legacy) torch.save file cannot be memory-mapped: read it whole.
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
                 f"'{self.path}' is a pickle that needs code execution to load ({str(exc).splitlines()[0][:200]}); "
