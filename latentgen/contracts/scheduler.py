@@ -18,10 +18,13 @@ class Scheduler(abc.ABC):
 
     `scheduler(denoise, x, sigmas)` checks its inputs and calls `sample`, which subclasses
     implement. `x` starts as noise * sigmas[0] (or a partly noised image for img2img, which is just
-    a shorter grid). `stochastic` declares whether the sampler injects fresh noise.
+    a shorter grid). Declared, for users and for the accuracy tests: `stochastic` (whether it
+    injects fresh noise) and `order` (its convergence order as an ODE solver; stochastic samplers
+    converge weakly and declare the order of their deterministic skeleton).
     """
 
     stochastic: bool = False
+    order: int = 1
 
     @abc.abstractmethod
     def sample(
@@ -61,6 +64,12 @@ class Scheduler(abc.ABC):
             raise ValueError(f"scheduler '{self.name}' needs a strictly descending sigma grid; got {sigmas.tolist()}")
         if float(sigmas[-1]) != 0.0:
             raise ValueError(f"scheduler '{self.name}' needs a sigma grid ending in 0; it ends in {float(sigmas[-1])}")
+
+    @staticmethod
+    def report(callback: Callback | None, i: int, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> None:
+        """Call the per-step callback, if any, with the step's state."""
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "denoised": denoised})
 
     @staticmethod
     def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -70,6 +70,20 @@ class DiscreteNoiseSchedule:
         betas = BETA_SCHEDULES[schedule](num_timesteps, beta_start, beta_end)
         return cls(torch.cumprod(1 - betas, dim=0))
 
+    def rescaled_to_zero_terminal_snr(self) -> "DiscreteNoiseSchedule":
+        """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1.
+
+        Shifts and scales sqrt(abar) so the last timestep is pure noise (SNR 0) and the first is
+        unchanged. Pure noise is sigma = infinity, which no sampler can start from, so the last level is
+        then set to abar = 2^-24 (sigma = 4096), the value diffusers uses for the same purpose.
+        """
+        root = self.alphas_cumprod.sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        root = (root - last) * first / (first - last)
+        alphas_cumprod = root**2
+        alphas_cumprod[-1] = 2.0**-24
+        return DiscreteNoiseSchedule(alphas_cumprod)
+
     @property
     def num_timesteps(self) -> int:
         return self.sigmas.numel()

@@ -23,8 +23,7 @@ class DDIMScheduler(Scheduler):
         for i in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             denoised = denoise(x, sigma)
-            if callback is not None:
-                callback({"x": x, "i": i, "sigma": sigma, "denoised": denoised})
+            self.report(callback, i, x, sigma, denoised)
             sigma_down, sigma_up = ancestral_step(sigma, sigma_next, self.eta)
             eps = (x - denoised) / sigma
             x = denoised + eps * sigma_down.to(x.dtype)

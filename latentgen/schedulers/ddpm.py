@@ -26,8 +26,7 @@ class DDPMScheduler(Scheduler):
         for i in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             denoised = denoise(x, sigma)
-            if callback is not None:
-                callback({"x": x, "i": i, "sigma": sigma, "denoised": denoised})
+            self.report(callback, i, x, sigma, denoised)
             ratio = (sigma_next / sigma) ** 2
             x = denoised + (x - denoised) * ratio.to(x.dtype)
             if float(sigma_next) > 0:
