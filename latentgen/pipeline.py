@@ -20,6 +20,7 @@ from latentgen.diffusion.guidance import ClassifierFreeGuidance
 from latentgen.diffusion.inpainting import MaskBlendedDenoiser, latent_mask
 from latentgen.diffusion.noise_schedule import DiscreteNoiseSchedule
 from latentgen.diffusion.prediction import DiscreteTimeDenoiser
+from latentgen.diffusion.sigma_grids import sigma_grid
 from latentgen.errors import ConfigError
 from latentgen.imaging import from_pil, to_pil
 
@@ -33,8 +34,10 @@ DEFAULT_DIFFUSION = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "prediction_type": "eps",
+    "zero_terminal_snr": False,  # rescale the schedule so its last step is pure noise (Lin et al. 2023)
 }
-DEFAULT_SAMPLING = {"height": None, "width": None, "steps": 20, "guidance_scale": 5.0, "spacing": "leading"}
+DEFAULT_SAMPLING = {"height": None, "width": None, "steps": 20, "guidance_scale": 5.0, "guidance_rescale": 0.0,
+                    "grid": "discrete", "spacing": "leading", "rho": 7.0}
 
 
 def _plain(node: Any) -> Any:
@@ -123,6 +126,8 @@ class LatentDiffusionPipeline:
         self.schedule = DiscreteNoiseSchedule.from_betas(
             self.diffusion["noise_schedule"], int(self.diffusion["num_timesteps"]),
             float(self.diffusion["beta_start"]), float(self.diffusion["beta_end"]))
+        if self.diffusion["zero_terminal_snr"]:
+            self.schedule = self.schedule.rescaled_to_zero_terminal_snr()
         self.model = DiscreteTimeDenoiser(self.denoiser, self.schedule, self.diffusion["prediction_type"])
 
     # ---- construction -------------------------------------------------------------------------
@@ -270,7 +275,8 @@ class LatentDiffusionPipeline:
     def sample_latents(self, prompts=None, *, labels=None, negative_prompts=None, num_images: int = 1,
                        steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
                        generator: torch.Generator | None = None, height: int | None = None,
-                       width: int | None = None, spacing: str | None = None, image: Any = None,
+                       width: int | None = None, spacing: str | None = None, grid: str | None = None,
+                       guidance_rescale: float | None = None, image: Any = None,
                        strength: float | None = None, mask: Any = None,
                        callback: Callable[[dict], None] | None = None) -> torch.Tensor:
         """Scaled latents (B, C, h, w) for the given prompts/labels; see `__call__`."""
@@ -330,9 +336,11 @@ class LatentDiffusionPipeline:
                 uncond = self.conditioner({**batch, "prompt": [n for n in negatives for _ in range(num_images)]})
             else:
                 uncond = self.conditioner.unconditional(batch)
-        denoise = ClassifierFreeGuidance(self.model, cond, uncond, guidance_scale)
+        rescale = float(guidance_rescale if guidance_rescale is not None else self.sampling["guidance_rescale"])
+        denoise = ClassifierFreeGuidance(self.model, cond, uncond, guidance_scale, rescale)
 
-        sigmas = self.schedule.sigma_grid(steps, spacing or self.sampling["spacing"]).to(device)
+        sigmas = sigma_grid(self.schedule, steps, grid or self.sampling["grid"], spacing or self.sampling["spacing"],
+                            float(self.sampling["rho"])).to(device)
         # Noise is drawn on the CPU generator so a seed means the same image on every device.
         noise = torch.randn((batch_size, self.codec.latent_channels, latent_h, latent_w), generator=generator).to(device)
         if images is None:
@@ -357,8 +365,8 @@ class LatentDiffusionPipeline:
         """Generate images: `pipe(["a red circle"], steps=20, guidance_scale=5, seed=0)`.
 
         Options: labels, negative_prompts, num_images (per prompt/label, or in all for an
-        unconditional model), steps, guidance_scale, seed or generator, height, width, spacing,
-        callback; `image` (PIL or (B, 3, H, W) tensor) with `strength` for img2img, and `mask`
+        unconditional model), steps, guidance_scale, guidance_rescale, seed or generator, height,
+        width, grid ("discrete", "karras", "exponential") and spacing, callback; `image` (PIL or (B, 3, H, W) tensor) with `strength` for img2img, and `mask`
         (white / 1 = repaint) with it for inpainting. `output_type` "pil" (default), "tensor" ((B, 3, H, W) in [-1, 1]) or "latent".
         """
         if output_type not in ("pil", "tensor", "latent"):

@@ -6,7 +6,7 @@ import torch
 from hydra.errors import MissingConfigException
 
 from latentgen import registry
-from latentgen.config import compose, register_component_options
+from latentgen.config import compose, group_options
 from latentgen.pipeline import LatentDiffusionPipeline, build_component
 
 GROUPS = ["codec", "denoiser", "conditioner", "scheduler", "dataset", "experiment"]
@@ -14,12 +14,7 @@ GROUPS = ["codec", "denoiser", "conditioner", "scheduler", "dataset", "experimen
 
 def options(group):
     """Every option Hydra offers for `group` (YAML files and registry entries)."""
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    register_component_options()
-    with initialize_config_module(config_module="latentgen.conf", version_base="1.3"):
-        return GlobalHydra.instance().config_loader().get_group_options(group)
+    return group_options(group)
 
 
 # Sizes that keep each option small enough for a test, whatever it is combined with.

@@ -27,6 +27,7 @@ def _as_list(value):
 
 @hydra.main(config_path="pkg://latentgen.conf", config_name="sample", version_base="1.3")
 def _sample(cfg: DictConfig) -> None:
+    from latentgen.callbacks import PreviewWriter, ProgressBar, chain
     from latentgen.devices import resolve_device
     from latentgen.imaging import grid
     from latentgen.pipeline import LatentDiffusionPipeline, build_component
@@ -41,9 +42,12 @@ def _sample(cfg: DictConfig) -> None:
         pipe = LatentDiffusionPipeline.from_checkpoint(cfg.checkpoint, device=device, scheduler=scheduler, dtype=dtype,
                                                        original_config=cfg.original_config)
         prompts, labels = _as_list(cfg.prompt), _as_list(cfg.label)
+        steps = int(cfg.steps if cfg.steps is not None else pipe.sampling["steps"])
+        callback = chain([ProgressBar(steps) if cfg.progress else None,
+                          PreviewWriter(pipe.codec, run_dir / "previews", int(cfg.preview_every)) if cfg.preview_every else None])
         images = pipe(prompts, labels=labels, negative_prompts=cfg.negative_prompt, num_images=int(cfg.num_images),
-                      steps=cfg.steps, guidance_scale=cfg.guidance_scale, seed=int(cfg.seed),
-                      height=cfg.height, width=cfg.width)
+                      steps=steps, guidance_scale=cfg.guidance_scale, guidance_rescale=cfg.guidance_rescale,
+                      grid=cfg.grid, seed=int(cfg.seed), height=cfg.height, width=cfg.width, callback=callback)
     captions = [str(c) for c in (prompts or labels or [""]) for _ in range(int(cfg.num_images))][: len(images)]
     out = run_dir / "images"
     out.mkdir(parents=True, exist_ok=True)

@@ -58,3 +58,13 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()):
     register_component_options()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def group_options(group: str) -> list[str]:
+    """Every option Hydra offers for a config group: YAML presets and registered components."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_component_options()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return GlobalHydra.instance().config_loader().get_group_options(group)

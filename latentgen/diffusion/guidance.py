@@ -1,4 +1,4 @@
-"""Classifier-free guidance (Ho and Salimans 2022): x0 = uncond + scale * (cond - uncond)."""
+"""Classifier-free guidance (Ho and Salimans 2022): x0 = uncond + scale * (cond - uncond), optionally rescaled (Lin et al. 2023)."""
 
 from __future__ import annotations
 
@@ -24,11 +24,14 @@ class ClassifierFreeGuidance:
     """
 
     def __init__(self, model: Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor], cond: Cond,
-                 uncond: Cond | None, scale: float):
+                 uncond: Cond | None, scale: float, rescale: float = 0.0):
+        if not 0 <= rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1]; got {rescale}")
         self.model = model
         self.cond = dict(cond)
         self.uncond = dict(uncond) if uncond is not None else None
         self.scale = float(scale)
+        self.rescale = float(rescale)
 
     @property
     def guided(self) -> bool:
@@ -40,4 +43,18 @@ class ClassifierFreeGuidance:
         sigma = torch.as_tensor(sigma, device=x.device)
         sigma_in = torch.cat([sigma.expand(x.shape[0])] * 2)
         uncond, cond = self.model(torch.cat([x, x]), sigma_in, concat_cond(self.uncond, self.cond)).chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        guided = uncond + self.scale * (cond - uncond)
+        if self.rescale > 0:
+            guided = self._rescaled(x, sigma, guided, cond)
+        return guided
+
+    def _rescaled(self, x: torch.Tensor, sigma: torch.Tensor, guided: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Lin et al. 2023, Sec. 3.4 (Eq. 15-16): bring the guided noise prediction back to the standard
+        deviation of the conditional one, per sample, and mix by `rescale` (they use 0.7); this counters
+        the over-exposure large scales cause. Done on eps = (x - x0) / sigma, as in the paper."""
+        sigma = sigma.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        eps_guided, eps_cond = (x - guided) / sigma, (x - cond) / sigma
+        dims = tuple(range(1, x.ndim))
+        factor = eps_cond.std(dim=dims, keepdim=True) / eps_guided.std(dim=dims, keepdim=True).clamp(min=1e-12)
+        eps = self.rescale * eps_guided * factor + (1 - self.rescale) * eps_guided
+        return x - sigma * eps

@@ -100,3 +100,17 @@ def empirical_order(steps: Sequence[int], errors: Sequence[float]) -> float:
     logs = torch.tensor([[math.log(n), math.log(e)] for n, e in zip(steps, errors)], dtype=torch.float64)
     centred = logs - logs.mean(0)
     return float(-(centred[:, 0] * centred[:, 1]).sum() / (centred[:, 0] ** 2).sum())
+
+
+# The accuracy problem latentgen's own tests and benchmarks use: a 2-D mixture of three Gaussians, sampled
+# from sigma 20 down to 0.01 (every sampler's last step, 0.01 -> 0, is the denoiser itself).
+ACCURACY_MIXTURE = GaussianMixture([[-1.0, 0.5], [1.2, -0.4], [0.2, 1.5]], [0.35, 0.5, 0.25], [0.3, 0.5, 0.2])
+ACCURACY_SIGMA_MIN, ACCURACY_SIGMA_MAX = 0.01, 20.0
+
+
+def accuracy_reference(paths: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start points at ACCURACY_SIGMA_MAX and the exact ODE solution at ACCURACY_SIGMA_MIN, denoised there,
+    which isolates a sampler's integration error from the final denoising step."""
+    x = ACCURACY_MIXTURE.prior(paths, ACCURACY_SIGMA_MAX, torch.Generator().manual_seed(seed))
+    exact = ACCURACY_MIXTURE.ode_solution(x, ACCURACY_SIGMA_MAX, ACCURACY_SIGMA_MIN)
+    return x, ACCURACY_MIXTURE.denoise(exact, ACCURACY_SIGMA_MIN)
