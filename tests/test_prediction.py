@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from latentgen.config import group_options
 from latentgen.contracts import Denoiser
 from latentgen.diffusion.noise_schedule import DiscreteNoiseSchedule
 from latentgen.diffusion.prediction import DiscreteTimeDenoiser
@@ -60,3 +61,21 @@ def test_unknown_prediction_type_is_refused():
     schedule = DiscreteNoiseSchedule.from_betas()
     with pytest.raises(ValueError, match="prediction_type"):
         DiscreteTimeDenoiser(IdealNetwork(schedule, "eps"), schedule, "score")
+
+
+@pytest.mark.parametrize("option", group_options("scheduler"))
+def test_every_sampler_gives_the_same_result_for_eps_v_and_x0_networks(option):
+    """The wrapper makes the three parameterizations the same denoiser, so a sampler cannot tell them apart."""
+    from latentgen.config import compose
+    from latentgen.pipeline import build_component
+
+    schedule = DiscreteNoiseSchedule.from_betas("scaled_linear")
+    sigmas = schedule.sigma_grid(8)
+    x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0)) * sigmas[0].float()
+    results = []
+    for prediction_type in ("eps", "v", "x0"):
+        model = DiscreteTimeDenoiser(IdealNetwork(schedule, prediction_type), schedule, prediction_type)
+        sampler = build_component("scheduler", compose("train", ["experiment=smoke", f"scheduler={option}"]).scheduler)
+        results.append(sampler(lambda x, s: model(x, s, {}), x.clone(), sigmas, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(results[2], results[0], rtol=1e-3, atol=1e-3)
