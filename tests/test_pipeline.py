@@ -12,16 +12,14 @@ from latentgen.checkpoint import read_metadata
 from latentgen.config import compose
 from latentgen.errors import CheckpointError, ConfigError, IncompatibleComponentsError
 from latentgen.pipeline import LatentDiffusionPipeline
+from latentgen.testing import fill_zero_parameters
 
 
 def tiny(*overrides):
     """A toy pipeline with random weights everywhere (the UNet zero-initializes its output layers,
     which would make every output zero and every comparison below vacuous)."""
     pipe = LatentDiffusionPipeline.from_config(compose("train", ["experiment=smoke", *overrides])).eval()
-    with torch.no_grad():
-        for parameter in pipe.denoiser.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.05)
+    fill_zero_parameters(pipe.denoiser)
     return pipe
 
 

@@ -11,6 +11,7 @@ from latentgen.diffusion.guidance import ClassifierFreeGuidance
 from latentgen.diffusion.noise_schedule import DiscreteNoiseSchedule
 from latentgen.diffusion.sigma_grids import exponential, karras, sigma_grid
 from latentgen.pipeline import LatentDiffusionPipeline
+from latentgen.testing import fill_zero_parameters
 
 
 def test_karras_grid_follows_its_formula():
@@ -68,10 +69,7 @@ def test_guidance_rescale_matches_the_conditional_spread():
 def pipe():
     torch.manual_seed(0)
     pipe = LatentDiffusionPipeline.from_config(compose("train", ["experiment=smoke", "scheduler=heun"]))
-    with torch.no_grad():
-        for parameter in pipe.denoiser.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.05)
+    fill_zero_parameters(pipe.denoiser)
     return pipe
 
 

@@ -14,6 +14,7 @@ from latentgen.errors import CheckpointError, ConfigError
 from latentgen.interop.original_config import pipeline_config, standard_config
 from latentgen.interop.stable_diffusion import load_pipeline, save_original
 from latentgen.pipeline import LatentDiffusionPipeline
+from latentgen.testing import fill_zero_parameters
 
 
 def rel_err(a, b):
@@ -46,10 +47,7 @@ def tiny_config(golden, **unet):
 
 def randomized(pipe):
     """Random weights everywhere: the UNet's zero-initialized output layers would hide the conditioning."""
-    with torch.no_grad():
-        for parameter in pipe.denoiser.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.05)
+    fill_zero_parameters(pipe.denoiser)
     return pipe
 
 

@@ -6,5 +6,6 @@
 
 from latentgen.testing.analytic import GaussianMixture, empirical_order
 from latentgen.testing.scheduler_contract import check_scheduler
+from latentgen.testing.weights import fill_zero_parameters
 
-__all__ = ["GaussianMixture", "check_scheduler", "empirical_order"]
+__all__ = ["GaussianMixture", "check_scheduler", "empirical_order", "fill_zero_parameters"]
