@@ -54,10 +54,26 @@ def test_order_on_gaussian_data(name, options, order):
     assert abs(empirical_order(steps, errors) - order) < 0.25, errors
 
 
-def test_2m_sde_at_eta_0_with_midpoint_is_dpmpp_2m():
+def _dpmpp_2m_by_hand(denoise, x, sigmas):
+    """Lu et al. 2022b, Alg. 2, written out independently of the library's exponential weights."""
+    previous, h_previous = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, sigmas[i])
+        if sigma_next == 0:
+            return denoised
+        h = math.log(sigma / sigma_next)
+        estimate = denoised if previous is None else denoised + (denoised - previous) * h / (2 * h_previous)
+        x = x * (sigma_next / sigma) + estimate * (1 - math.exp(-h))
+        previous, h_previous = denoised, h
+    return x
+
+
+def test_dpmpp_2m_is_the_2m_sde_solver_at_eta_0_with_midpoint():
     x = start(MIXTURE, 64, 20.0)
     grid = karras(15, 0.01, 20.0)
     ode = build("dpmpp_2m")(MIXTURE.denoise, x.clone(), grid)
+    torch.testing.assert_close(ode, _dpmpp_2m_by_hand(MIXTURE.denoise, x.clone(), grid), rtol=1e-12, atol=1e-12)
     sde = build("dpmpp_2m_sde", eta=0.0, solver_type="midpoint")(MIXTURE.denoise, x.clone(), grid)
     torch.testing.assert_close(sde, ode, rtol=1e-12, atol=1e-12)
     heun = build("dpmpp_2m_sde", eta=0.0, solver_type="heun")(MIXTURE.denoise, x.clone(), grid)
