@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -15,6 +14,7 @@ from latentgen import registry
 from latentgen.checkpoint import (COMPONENTS_KEY, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, load_module_state,
                                   load_tensors, read_checkpoint, save_tensors)
 from latentgen.compatibility import check_compatible
+from latentgen.config.containers import to_plain
 from latentgen.contracts import Codec, Conditioner, Denoiser, Scheduler
 from latentgen.diffusion.guidance import ClassifierFreeGuidance
 from latentgen.diffusion.inpainting import MaskBlendedDenoiser, latent_mask
@@ -40,39 +40,10 @@ DEFAULT_SAMPLING = {"height": None, "width": None, "steps": 20, "guidance_scale"
                     "grid": "discrete", "spacing": "leading", "rho": 7.0}
 
 
-def _plain(node: Any) -> Any:
-    """Plain containers from OmegaConf ones, resolving interpolations with a clear error."""
-    if not type(node).__module__.startswith("omegaconf"):
-        return node
-    from omegaconf import OmegaConf
-    from omegaconf.errors import InterpolationResolutionError
-
-    try:
-        return OmegaConf.to_container(node, resolve=True)
-    except InterpolationResolutionError as exc:
-        raise ConfigError(_unresolvable(node, exc)) from exc
-
-
-def _unresolvable(config: Any, exc: Exception) -> str:
-    """Which component's value could not be taken from which other component, and the fix."""
-    from omegaconf import OmegaConf
-
-    key = str(getattr(exc, "full_key", "") or "?")
-    wanted = re.search(r"'([^']+)'", str(getattr(exc, "msg", exc)))
-    wanted = wanted.group(1) if wanted else "?"
-    name_of = lambda path: OmegaConf.select(config, f"{path.split('.')[0]}.name", default="?")  # noqa: E731
-    return (
-        f"cannot resolve '{key}' of {key.split('.')[0]} '{name_of(key)}': it is taken from '${{{wanted}}}', but "
-        f"{wanted.split('.')[0]} '{name_of(wanted)}' has no '{wanted.split('.')[-1]}' in its config (a component "
-        f"registered without a YAML file has only its name). Override {key}=<value> on the command line, "
-        f"or, if the {wanted.split('.')[0]} takes such a parameter, give it: +{wanted}=<value>."
-    )
-
-
 def build_component(kind: str, node: Mapping[str, Any] | None) -> Any:
     """A component from its config node: `{name: ..., **params}`, optionally with Hydra's
     `_target_: latentgen.registry.build` and `kind`. A missing conditioner is the null one."""
-    node = _plain(node)
+    node = to_plain(node)
     if node is None:
         if kind == "conditioner":
             return registry.build("conditioner", "null")
@@ -118,11 +89,11 @@ class LatentDiffusionPipeline:
             if not isinstance(getattr(self, kind), base):
                 raise TypeError(f"the pipeline's {kind} must be a latentgen.{base.__name__}; got {type(getattr(self, kind)).__name__}")
         check_compatible(self.codec, self.denoiser, self.conditioner)
-        self.diffusion = {**DEFAULT_DIFFUSION, **(_plain(diffusion) or {})}
+        self.diffusion = {**DEFAULT_DIFFUSION, **(to_plain(diffusion) or {})}
         unknown = set(self.diffusion) - set(DEFAULT_DIFFUSION)
         if unknown:
             raise ConfigError(f"unknown diffusion settings {sorted(unknown)}; the settings are {sorted(DEFAULT_DIFFUSION)}")
-        self.sampling = {**DEFAULT_SAMPLING, **(_plain(sampling) or {})}
+        self.sampling = {**DEFAULT_SAMPLING, **(to_plain(sampling) or {})}
         self.schedule = DiscreteNoiseSchedule.from_betas(
             self.diffusion["noise_schedule"], int(self.diffusion["num_timesteps"]),
             float(self.diffusion["beta_start"]), float(self.diffusion["beta_end"]))
@@ -137,7 +108,7 @@ class LatentDiffusionPipeline:
         """From a config with `codec`, `denoiser`, `conditioner`, `scheduler` nodes (each
         `{name, **params}` or Hydra's `{_target_: latentgen.registry.build, kind, name, ...}`) and
         optional `diffusion` and `sampling` settings; other keys (dataset, training) are ignored."""
-        config = _plain(config)
+        config = to_plain(config)
         components = {kind: build_component(kind, config.get(kind)) for kind in ("codec", "denoiser", "conditioner")}
         scheduler = build_component("scheduler", config.get("scheduler") or {"name": "ddim"})
         return cls(**components, scheduler=scheduler, diffusion=config.get("diffusion"), sampling=config.get("sampling"))

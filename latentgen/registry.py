@@ -171,20 +171,13 @@ def resolve(kind: str, name: str) -> Entry:
     return regs[0]
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dicts and lists, so components never see Hydra types."""
-    if type(value).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def build(kind: str, name: str, **params: Any) -> Any:
     """Build the component `name` of `kind` with `params`; checks it honours its kind's contract."""
+    from latentgen.config.containers import to_plain  # here: this module stays import-light
+
     entry = resolve(kind, name)
     factory = entry.load()
-    params = {key: _plain(value) for key, value in params.items()}
+    params = {key: to_plain(value) for key, value in params.items()}
     try:
         inspect.signature(factory).bind(**params)
     except TypeError as exc:
