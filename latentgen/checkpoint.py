@@ -62,7 +62,7 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
     return atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=header))
 
 
-def _header(path: Path) -> dict:
+def read_header(path: Path) -> dict:
     """The safetensors JSON header, with errors that say what is wrong with the file."""
     if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check the path (a training run writes "
@@ -96,13 +96,13 @@ def _header(path: Path) -> dict:
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file (validated for truncation first)."""
-    return dict(_header(Path(path)).get("__metadata__", {}) or {})
+    return dict(read_header(Path(path)).get("__metadata__", {}) or {})
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config, components) of a latentgen checkpoint, or a CheckpointError that says what the file is."""
     path = Path(path)
-    header = _header(path)
+    header = read_header(path)
     metadata = header.get("__metadata__", {}) or {}
     if CONFIG_KEY not in metadata:
         keys = [key for key in header if key != "__metadata__"]
@@ -126,24 +126,25 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     """All tensors of a (validated) safetensors file."""
     from safetensors.torch import load_file
 
-    _header(Path(path))
+    read_header(Path(path))
     return load_file(str(path), device=str(device))
+
+
+def mismatch_report(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    """'N missing, first: [...]; N unexpected, ...; N of another shape, ...', or '' when all fit."""
+    parts = [f"{len(keys)} {label}, first: {keys[:3]}" for label, keys in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)) if keys]
+    return "; ".join(parts)
 
 
 def load_module_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, path: Path) -> None:
     """load_state_dict(strict) with an error that names the first offending keys and shapes."""
     own = module.state_dict()
-    missing = [key for key in own if key not in state]
-    unexpected = [key for key in state if key not in own]
-    mismatched = [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
-                  for key in own if key in state and state[key].shape != own[key].shape]
-    if missing or unexpected or mismatched:
-        lines = []
-        if missing:
-            lines.append(f"missing {len(missing)} key(s), first: {missing[:3]}")
-        if unexpected:
-            lines.append(f"unexpected {len(unexpected)} key(s), first: {unexpected[:3]}")
-        if mismatched:
-            lines.append(f"{len(mismatched)} shape mismatch(es), first: {mismatched[:3]}")
-        raise CheckpointError(f"the {what} weights in '{path}' do not fit its config: " + "; ".join(lines))
+    report = mismatch_report(
+        [key for key in own if key not in state],
+        [key for key in state if key not in own],
+        [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
+         for key in own if key in state and state[key].shape != own[key].shape])
+    if report:
+        raise CheckpointError(f"the {what} weights in '{path}' do not fit its config: {report}")
     module.load_state_dict(state, strict=True)

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from latentgen.checkpoint import save_tensors
+from latentgen.checkpoint import mismatch_report, save_tensors
 from latentgen.errors import CheckpointError, ConfigError
 from latentgen.interop.original_config import pipeline_config, read_original_config, standard_config
 from latentgen.interop.weights_file import WeightsFile
@@ -58,7 +58,7 @@ def _normalized(key: str) -> str:
 
 def is_original_checkpoint(path: str | Path) -> bool:
     """A .ckpt, or a .safetensors without latentgen metadata whose keys use the original layout."""
-    from latentgen.checkpoint import CONFIG_KEY, _header
+    from latentgen.checkpoint import CONFIG_KEY, read_header
 
     path = Path(path)
     if path.suffix == ".ckpt":
@@ -66,7 +66,7 @@ def is_original_checkpoint(path: str | Path) -> bool:
     if not path.is_file() or path.stat().st_size < 8:
         return False
     try:
-        header = _header(path)
+        header = read_header(path)
     except CheckpointError:
         return False  # let the latentgen reader explain what is wrong with the file
     if CONFIG_KEY in (header.get("__metadata__") or {}):
@@ -158,16 +158,10 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
                 mismatched.append(f"{key}: file {weights.shape(keys[key])} vs config {tuple(expected.shape)}")
             else:
                 located[name] = keys[key]
-        if missing or mismatched:
-            problems = []
-            if missing:
-                problems.append(f"{len(missing)} missing, first: {missing[:3]}")
-            if mismatched:
-                problems.append(f"{len(mismatched)} of another shape, first: {mismatched[:3]}")
-            raise CheckpointError(
-                f"the {kind} weights in '{checkpoint}' do not match the config ({'; '.join(problems)}). "
-                f"Pass the checkpoint's own inference YAML as original_config"
-            )
+        report = mismatch_report(missing, [], mismatched)
+        if report:
+            raise CheckpointError(f"the {kind} weights in '{checkpoint}' do not match the config ({report}). "
+                                  f"Pass the checkpoint's own inference YAML as original_config")
         state = {name: weights.tensor(key, dtype) for name, key in located.items()}
         module.load_state_dict(state, strict=True, assign=True)
         source.origin.update({f"{kind}.{name}": key for name, key in located.items()})

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from latentgen.checkpoint import _header
+from latentgen.checkpoint import read_header
 from latentgen.errors import CheckpointError
 
 
@@ -31,7 +31,7 @@ class WeightsFile:
         if self._is_safetensors():
             from safetensors import safe_open
 
-            header = _header(self.path)  # names truncation and corruption precisely
+            header = read_header(self.path)  # names truncation and corruption precisely
             self._shapes = {key: (tuple(entry["shape"]), entry["dtype"]) for key, entry in header.items()
                             if key != "__metadata__"}
             self._safetensors = safe_open(str(self.path), framework="pt", device="cpu")
