@@ -51,4 +51,9 @@ def chain(callbacks: Sequence[Callable[[dict], None] | None]) -> Callable[[dict]
     active = [callback for callback in callbacks if callback is not None]
     if not active:
         return None
-    return lambda info: [callback(info) for callback in active] and None
+
+    def each(info: dict) -> None:
+        for callback in active:
+            callback(info)
+
+    return each

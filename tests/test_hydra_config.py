@@ -39,7 +39,9 @@ def test_every_option_composes_and_instantiates(group, option):
     if group == "experiment":
         # Experiments set real budgets; build their components but do not train.
         pipe = LatentDiffusionPipeline.from_config(cfg)
-        assert pipe.codec.name and pipe.denoiser.name
+        for kind in ("codec", "denoiser", "conditioner", "scheduler"):
+            assert getattr(pipe, kind).registry_name == cfg[kind]["name"], kind
+        assert build_component("dataset", cfg.dataset)[0]["image"].shape[-1] == cfg.sampling.width
         return
     if group == "dataset":
         dataset = build_component("dataset", {**cfg.dataset, **({"size": 16} if "size" in cfg.dataset else {})})
