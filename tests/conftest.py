@@ -19,11 +19,6 @@ def shared_dir() -> Path:
     return SHARED
 
 
-# The suite's tensors are tiny: one thread avoids the synchronisation cost that dominates small ops
-# (measured: a small op took 54 us with one thread, 23 ms with two on a loaded 2-core machine).
-torch.set_num_threads(1)
-
-
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
