@@ -14,7 +14,6 @@ import argparse
 import math
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
 from latentgen.config import compose, group_options
