@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -14,6 +15,7 @@ from latentgen import registry
 from latentgen.checkpoint import (COMPONENTS_KEY, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, load_module_state,
                                   load_tensors, read_checkpoint, save_tensors)
 from latentgen.compatibility import check_compatible
+from latentgen.conditioners.concat_image import LATENT_SIZE_KEY
 from latentgen.config.containers import to_plain
 from latentgen.contracts import Codec, Conditioner, Denoiser, Scheduler
 from latentgen.diffusion.guidance import ClassifierFreeGuidance
@@ -26,6 +28,9 @@ from latentgen.imaging import from_pil, to_pil
 
 MODULE_KINDS = ("codec", "denoiser", "conditioner")
 KINDS = (*MODULE_KINDS, "scheduler")
+# Conditioner inputs the pipeline fills itself: from its arguments, from image= and mask=, from the latent size.
+_OWN_INPUTS = {"prompt": "prompts (the first argument)", "label": "labels=...", "mask": "image=... and mask=...",
+               "masked_image_latents": "image=... and mask=...", LATENT_SIZE_KEY: "height= and width="}
 
 DEFAULT_DIFFUSION = {
     # Stable Diffusion's training process (Rombach et al. 2022, App. E).
@@ -186,8 +191,14 @@ class LatentDiffusionPipeline:
     # ---- sampling -----------------------------------------------------------------------------
 
     def inputs(self, prompts: str | Sequence[str] | None, labels: int | Sequence[int] | torch.Tensor | None,
-               num_images: int) -> dict[str, Any]:
-        """The conditioner's input batch, each prompt or label repeated `num_images` times."""
+               num_images: int, conditioning: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The conditioner's input batch, each prompt or label repeated `num_images` times.
+
+        `conditioning` holds the other inputs the conditioner reads, by key (e.g. {"low_res": image}):
+        PIL image(s) (mode "L" gives one channel, others RGB, in [-1, 1]), a tensor (B, C, H, W) or
+        (C, H, W), or a list of values. Each gives one item for all, one per prompt/label (or, with
+        neither, one per request item), or one per output image.
+        """
         reads = set(self.conditioner.input_keys)
         given = {"prompt": prompts, "label": labels}
         for key, value in given.items():
@@ -208,7 +219,32 @@ class LatentDiffusionPipeline:
         if labels is not None:
             labels = torch.as_tensor(labels).reshape(-1)
             batch["label"] = labels.repeat_interleave(num_images)
+        batch.update(self._conditioning_inputs(conditioning or {}, batch, num_images))
         return batch
+
+    def _conditioning_inputs(self, conditioning: Mapping[str, Any], batch: Mapping[str, Any],
+                             num_images: int) -> dict[str, Any]:
+        """`conditioning` checked against what the conditioner reads, batched like the prompts/labels."""
+        reads = self.conditioner.input_keys
+        for key in conditioning:
+            if key in _OWN_INPUTS:
+                raise ValueError(f"conditioning['{key}'] is filled by the pipeline: pass {_OWN_INPUTS[key]} instead")
+            if key not in reads:
+                raise ValueError(f"conditioning['{key}'] was given but conditioner '{self.conditioner.name}' reads only "
+                                 f"{list(reads) or 'nothing'}; drop it, or load a model whose conditioner reads '{key}'")
+        for key in reads:
+            if key not in _OWN_INPUTS and conditioning.get(key) is None:
+                reader = _reader(self.conditioner, key)
+                raise ValueError(
+                    f"conditioner '{reader}' needs the input '{key}', which was not given: pass "
+                    f"conditioning={{'{key}': <PIL image or tensor (B, C, H, W)>}} to the pipeline "
+                    f"(latentgen-sample: conditioning.{key}=<path.png>)")
+        values = {key: _as_conditioning(key, value) for key, value in conditioning.items()}
+        if batch:
+            items = len(next(iter(batch.values()))) // num_images
+        else:  # no prompts or labels: the conditioning inputs are the request's items
+            items = max((_count(value) for value in values.values()), default=1)
+        return {key: _batched(key, value, items, num_images, self.device) for key, value in values.items()}
 
     def _image_batch(self, image: Any, batch_size: int, height: int | None, width: int | None) -> torch.Tensor:
         """PIL image(s) or a (B, 3, H, W) tensor in [-1, 1] -> (batch_size, 3, H, W) on the codec's device."""
@@ -249,6 +285,7 @@ class LatentDiffusionPipeline:
                        width: int | None = None, spacing: str | None = None, grid: str | None = None,
                        guidance_rescale: float | None = None, image: Any = None,
                        strength: float | None = None, mask: Any = None,
+                       conditioning: Mapping[str, Any] | None = None,
                        callback: Callable[[dict], None] | None = None) -> torch.Tensor:
         """Scaled latents (B, C, h, w) for the given prompts/labels; see `__call__`."""
         if num_images < 1:
@@ -263,7 +300,7 @@ class LatentDiffusionPipeline:
         if image is not None and not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1] (the fraction of the sampling path redone); got {strength}")
 
-        batch = self.inputs(prompts, labels, num_images)
+        batch = self.inputs(prompts, labels, num_images, conditioning)
         batch_size = len(next(iter(batch.values()))) if batch else num_images
         images = None
         if image is not None:
@@ -279,6 +316,7 @@ class LatentDiffusionPipeline:
             step = multiple * self.codec.downsampling_factor
             raise ValueError(f"denoiser '{self.denoiser.name}' needs latents divisible by {multiple}, so the image size "
                              f"must be a multiple of {step}; got {height}x{width}")
+        batch[LATENT_SIZE_KEY] = (latent_h, latent_w)  # for conditioners that resize a map to the latent grid
         masks = self._mask_batch(mask, batch_size, int(height), int(width)) if mask is not None else None
         if "masked_image_latents" in self.conditioner.input_keys:
             # An inpainting model (e.g. SD's 9-channel one) reads the mask and the masked image's latents.
@@ -338,7 +376,9 @@ class LatentDiffusionPipeline:
         Options: labels, negative_prompts, num_images (per prompt/label, or in all for an
         unconditional model), steps, guidance_scale, guidance_rescale, seed or generator, height,
         width, grid ("discrete", "karras", "exponential") and spacing, callback; `image` (PIL or (B, 3, H, W) tensor) with `strength` for img2img, and `mask`
-        (white / 1 = repaint) with it for inpainting. `output_type` "pil" (default), "tensor" ((B, 3, H, W) in [-1, 1]) or "latent".
+        (white / 1 = repaint) with it for inpainting; `conditioning` for the conditioner's other inputs, e.g.
+        `conditioning={"low_res": pil_image}` for a super-resolution model (see `inputs`). `output_type` "pil"
+        (default), "tensor" ((B, 3, H, W) in [-1, 1]) or "latent".
         """
         if output_type not in ("pil", "tensor", "latent"):
             raise ValueError(f"output_type must be 'pil', 'tensor' or 'latent'; got {output_type!r}")
@@ -347,6 +387,56 @@ class LatentDiffusionPipeline:
             return latents
         images = self.decode(latents)
         return images if output_type == "tensor" else to_pil(images)
+
+
+def _reader(conditioner: Conditioner, key: str) -> str:
+    """The name of the (stack member) conditioner that reads `key`."""
+    members = getattr(conditioner, "conditioners", None) or [conditioner]
+    return next((member.name for member in members if key in member.input_keys), conditioner.name)
+
+
+def _as_conditioning(key: str, value: Any) -> torch.Tensor | list:
+    """A conditioning input as a batch: PIL images and arrays -> float tensor (B, C, H, W), else a list."""
+    if isinstance(value, Image.Image) or (isinstance(value, (list, tuple)) and value
+                                          and all(isinstance(v, Image.Image) for v in value)):
+        pictures = [value] if isinstance(value, Image.Image) else list(value)
+        if len({picture.size for picture in pictures}) > 1:
+            raise ValueError(f"conditioning['{key}'] holds images of different sizes "
+                             f"{sorted({p.size for p in pictures})}; resize them to one size")
+        if all(picture.mode == "L" for picture in pictures):  # a one-channel map, e.g. a depth map
+            arrays = np.stack([np.asarray(picture, dtype=np.float32) for picture in pictures])[:, None]
+            return torch.from_numpy(arrays) / 127.5 - 1
+        return from_pil(pictures)
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) and v.ndim in (3, 4) for v in value):
+        value = torch.cat([v if v.ndim == 4 else v[None] for v in value])  # maps of one size, e.g. one per prompt
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 3:  # one (C, H, W) map
+            value = value[None]
+        return value.float() if value.dtype == torch.float64 else value
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _count(value: torch.Tensor | list) -> int:
+    return value.shape[0] if isinstance(value, torch.Tensor) else len(value)
+
+
+def _batched(key: str, value: torch.Tensor | list, items: int, num_images: int,
+             device: torch.device) -> torch.Tensor | list:
+    """One value for all, one per item (repeated `num_images` times) or one per image -> one per image."""
+    count, batch_size = _count(value), items * num_images
+    if count not in (1, items, batch_size):
+        raise ValueError(f"conditioning['{key}'] has {count} items for {items} prompt(s)/label(s) x {num_images} "
+                         f"image(s): pass one, one per prompt/label ({items}) or one per image ({batch_size})")
+    if isinstance(value, torch.Tensor):
+        if count == batch_size:
+            return value.to(device)
+        repeats = batch_size if count == 1 else num_images
+        return value.repeat_interleave(repeats, dim=0).to(device)
+    if count == batch_size:
+        return list(value)
+    return [v for v in value for _ in range(batch_size if count == 1 else num_images)]
 
 
 def _repeat_to(tensor: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:

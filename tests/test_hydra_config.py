@@ -1,6 +1,8 @@
 """Hydra config groups: every option composes and instantiates, values interpolate across components,
 registry names are options without YAML, and a wrong option names the alternatives."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.errors import MissingConfigException
@@ -20,7 +22,16 @@ def options(group):
 # Sizes that keep each option small enough for a test, whatever it is combined with.
 TINY = ["experiment=smoke"]
 # Options that only make sense with a matching partner (an inpainting denoiser for the masked image).
-PARTNERS = {("conditioner", "masked_image"): ["denoiser.in_channels=9", "+denoiser.concat_channels=5"]}
+PARTNERS = {("conditioner", "masked_image"): ["denoiser.in_channels=9", "+denoiser.concat_channels=5"],
+            ("conditioner", "concat_image"): ["denoiser.in_channels=7", "+denoiser.concat_channels=3"],
+            ("conditioner", "text_low_res"): ["denoiser.in_channels=7", "+denoiser.concat_channels=3"]}
+# The paper's DiT sizes (33M to 675M parameters) are composed as they are but built one narrow block deep,
+# patch size kept (tests/test_dit.py checks each preset's parameter count).
+PARTNERS.update({("denoiser", name): ["denoiser.depth=1", "denoiser.hidden_size=32", "denoiser.num_heads=2"]
+                 for name in ["dit"] + [f"dit_{size}{patch}" for size in ("s", "b", "l", "xl") for patch in ("", "_4", "_8")]})
+
+# The image-folder dataset reads a folder: two small PNGs (one captioned) kept with the tests.
+PARTNERS[("dataset", "image_folder")] = [f"dataset.path={Path(__file__).parent / 'data' / 'image_folder'}"]
 
 
 def test_every_group_lists_every_registered_component():
@@ -51,6 +62,8 @@ def test_every_option_composes_and_instantiates(group, option):
     assert getattr(pipe, group).registry_name == (cfg[group]["name"] if cfg.get(group) else "null")
     reads = pipe.conditioner.input_keys
     inpainting = {"image": torch.zeros(1, 3, 16, 16), "mask": torch.ones(1, 1, 16, 16)} if "mask" in reads else {}
+    if "low_res" in reads:  # an image for concat_image, resized to the latent grid
+        inpainting["conditioning"] = {"low_res": torch.zeros(1, 3, 8, 8)}
     images = pipe("a red circle" if "prompt" in reads else None, labels=[1] if "label" in reads else None,
                   steps=1, seed=0, **inpainting)
     assert images[0].size == (cfg.sampling.width, cfg.sampling.height)

@@ -24,6 +24,7 @@ CONSOLE_SCRIPTS = {
     "latentgen": "latentgen.cli.main:main",
     "latentgen-train": "latentgen.cli.train:main",
     "latentgen-sample": "latentgen.cli.sample:main",
+    "latentgen-eval": "latentgen.cli.eval:main",
 }
 
 
@@ -156,8 +157,13 @@ def test_configs_name_registered_components_through_the_registry(path):
     group = path.relative_to(CONF).parts[0] if len(path.relative_to(CONF).parts) > 1 else None
     found = list(_targets(data))
     if group in registry.GROUPS:
-        # A component option of a kind's group is a registry node of that kind at its top.
-        assert found and found[0][0] == (), f"{path} has no top-level _target_"
+        parents = [entry for entry in data.get("defaults", []) if isinstance(entry, str) and entry != "_self_"]
+        if parents and not (found and found[0][0] == ()):
+            # A variant (e.g. dit_s_4) extends another option of its group, which holds the _target_.
+            assert all((path.parent / f"{parent}.yaml").is_file() for parent in parents), f"{path}: {parents}"
+        else:
+            # A component option of a kind's group is a registry node of that kind at its top.
+            assert found and found[0][0] == (), f"{path} has no top-level _target_"
     for where, node in found:
         label = f"{path.relative_to(CONF)}:{'.'.join(map(str, where)) or '<top>'}"
         assert node["_target_"] == "latentgen.registry.build", label

@@ -37,13 +37,18 @@ BUILTINS = _declared_builtins()
 SMALL_PARAMS = {
     ("codec", "identity"): {},
     ("codec", "kl"): dict(latent_channels=4, channels=32, channel_mult=[1, 1], num_res_blocks=1, resolution=16),
+    ("codec", "vq"): dict(latent_channels=4, num_codes=16, channels=32, channel_mult=[1, 1], num_res_blocks=1,
+                          resolution=16),
     ("denoiser", "unet"): dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1], num_res_blocks=1,
                                attention_resolutions=[], num_head_channels=16),
+    ("denoiser", "dit"): dict(in_channels=6, out_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                              context_dim=8, vector_dim=8, concat_channels=2),
     ("conditioner", "null"): {},
     ("conditioner", "class_label"): dict(num_classes=3, vector_dim=8),
     ("conditioner", "text"): dict(context_dim=16, num_layers=1, num_heads=2),
     ("conditioner", "clip_text"): dict(context_dim=32, layers=1, heads=2, vocab_size=1000),
     ("conditioner", "masked_image"): dict(latent_channels=4),
+    ("conditioner", "concat_image"): dict(channels=3, input_key="image"),  # an input the contract suite fills
     ("conditioner", "stack"): dict(conditioners=[{"name": "class_label", "num_classes": 3, "vector_dim": 8},
                                                  {"name": "masked_image"}]),
     ("scheduler", "ddim"): {},
@@ -61,6 +66,7 @@ SMALL_PARAMS = {
     ("scheduler", "unipc"): {},
     ("dataset", "shapes"): dict(image_size=16, size=8),
     ("dataset", "digits"): dict(image_size=16),
+    ("dataset", "image_folder"): dict(path=str(Path(__file__).parent / "data" / "image_folder"), image_size=16),
 }
 
 CORE_VERSION = importlib.metadata.version("latentgen")

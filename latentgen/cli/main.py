@@ -1,4 +1,4 @@
-"""`latentgen`: inspection commands (`latentgen plugins`)."""
+"""`latentgen`: inspection commands (`latentgen plugins`, `latentgen compare <multirun dir>`)."""
 
 from __future__ import annotations
 
@@ -39,10 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("plugins", help="list registered components with their distributions")
     listing.add_argument("--no-check", action="store_true", help="do not import the components to check them")
+    comparing = commands.add_parser("compare", help="the grids of a latentgen-sample -m sweep side by side, labelled "
+                                                    "with each job's overrides")
+    comparing.add_argument("sweep_dir", help="the multirun directory, e.g. multirun/sample/<date>_<time>")
+    comparing.add_argument("-o", "--output", default=None, help="where to write the sheet (default: <sweep_dir>/compare.png)")
     args = parser.parse_args(argv)
     if args.command == "plugins":
         failures = plugins(check=not args.no_check)
         return 1 if failures else 0
+    if args.command == "compare":
+        from latentgen.cli.compare import compare
+        from latentgen.cli.errors import reported
+
+        with reported():
+            print(compare(args.sweep_dir, args.output))
+        return 0
     return 2
 
 

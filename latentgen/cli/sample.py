@@ -25,6 +25,31 @@ def _as_list(value):
     return value if isinstance(value, list) else [value]
 
 
+def _load_map(key: str, path: str):
+    """An image file as a PIL image, or a .npy array (C, H, W) / (B, C, H, W) as a tensor."""
+    import numpy as np
+    from PIL import Image
+
+    file = Path(str(path))
+    if not file.is_file():
+        raise FileNotFoundError(f"conditioning.{key}: no file '{file}'; give the path of an image or a .npy array")
+    if file.suffix.lower() == ".npy":
+        return torch.from_numpy(np.load(file, allow_pickle=False)).float()
+    with Image.open(file) as image:
+        image.load()
+        return image if image.mode in ("L", "RGB") else image.convert("RGB")
+
+
+def _conditioning(node) -> dict:
+    """conditioning.<key>=path (or a list of paths) -> {key: PIL image(s) or tensor} for the pipeline."""
+    loaded = {}
+    for key, value in (OmegaConf.to_container(node) if OmegaConf.is_config(node) else dict(node or {})).items():
+        if value is None:
+            continue
+        loaded[key] = [_load_map(key, path) for path in _as_list(value)]  # the pipeline batches a list
+    return loaded
+
+
 @hydra.main(config_path="pkg://latentgen.conf", config_name="sample", version_base="1.3")
 def _sample(cfg: DictConfig) -> None:
     from latentgen.callbacks import PreviewWriter, ProgressBar, chain
@@ -47,7 +72,8 @@ def _sample(cfg: DictConfig) -> None:
                           PreviewWriter(pipe.codec, run_dir / "previews", int(cfg.preview_every)) if cfg.preview_every else None])
         images = pipe(prompts, labels=labels, negative_prompts=cfg.negative_prompt, num_images=int(cfg.num_images),
                       steps=steps, guidance_scale=cfg.guidance_scale, guidance_rescale=cfg.guidance_rescale,
-                      grid=cfg.grid, seed=int(cfg.seed), height=cfg.height, width=cfg.width, callback=callback)
+                      grid=cfg.grid, seed=int(cfg.seed), height=cfg.height, width=cfg.width,
+                      conditioning=_conditioning(cfg.get("conditioning")), callback=callback)
     captions = [str(c) for c in (prompts or labels or [""]) for _ in range(int(cfg.num_images))][: len(images)]
     out = run_dir / "images"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,15 @@
-"""latentgen-train: train a pipeline from Hydra config groups (`latentgen-train experiment=smoke`)."""
+"""latentgen-train: train a pipeline from Hydra config groups (`latentgen-train experiment=smoke`).
+
+`resume=true` (or `resume=<run dir>`) continues a stopped run where it stopped; under torchrun
+(`torchrun --nproc_per_node=N -m latentgen.cli.train hydra.run.dir=<dir> ...`) the processes train
+one run together, data-parallel.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -11,23 +18,56 @@ from omegaconf import DictConfig
 
 from latentgen.cli.errors import reported
 from latentgen.config import register_component_options
+from latentgen.errors import ConfigError
 
 log = logging.getLogger("latentgen.train")
 
 
 @hydra.main(config_path="pkg://latentgen.conf", config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> None:
+    from latentgen.training.resume import requested, resumed_config
     from latentgen.training.run import run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with reported():
-        checkpoint = run_training(cfg, run_dir)
+        resume = requested(cfg.get("resume"))
+        if resume:
+            cfg = resumed_config(run_dir, list(HydraConfig.get().overrides.task), cfg)
+        checkpoint = run_training(cfg, run_dir, resume=bool(resume))
     log.info("checkpoint: %s", checkpoint)
     log.info("sample grids: %s", run_dir / "samples")
 
 
+def hydra_arguments(args: list[str], environment: dict[str, str]) -> list[str]:
+    """The command line plus the Hydra settings that resuming and multi-process runs need: a resumed
+    run writes into its own directory and keeps its .hydra/ record; processes other than rank 0 of a
+    torchrun job write nothing of Hydra's own."""
+    from latentgen.training.resume import requested, run_to_resume
+
+    values = dict(arg.split("=", 1) for arg in args if "=" in arg and not arg.startswith("-"))
+    run_dir = values.get("hydra.run.dir")
+    resume = requested(values.get("resume"))
+    extra: dict[str, str] = {}
+    if resume:
+        target = run_to_resume(resume, run_dir)
+        if run_dir is None:
+            extra["hydra.run.dir"] = str(target)
+        extra["hydra.output_subdir"] = "null"
+    if int(environment.get("WORLD_SIZE", "1")) > 1:
+        if run_dir is None and not resume:
+            raise ConfigError("a multi-process (torchrun) run needs hydra.run.dir=<dir>, the same for every process: "
+                              "the default timestamped directory can differ between processes")
+        if int(environment.get("RANK", "0")) != 0:
+            extra.update({"hydra.output_subdir": "null", "hydra/job_logging": "disabled",
+                          "hydra/hydra_logging": "disabled"})
+    given = set(values)
+    return [*args, *(f"{key}={value}" for key, value in extra.items() if key not in given)]
+
+
 def main() -> None:
     register_component_options()
+    with reported():
+        sys.argv = [sys.argv[0], *hydra_arguments(sys.argv[1:], dict(os.environ))]
     _train()
 
 

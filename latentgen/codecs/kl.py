@@ -91,6 +91,9 @@ class KLCodec(Codec):
         # add rounding; the KL is of the unscaled latents, as in the original training objective.
         return self._decode_unscaled(z), {"kl": posterior.kl().mean()}
 
+    def last_layer(self) -> nn.Parameter:
+        return self.decoder.conv_out.weight
+
     def _decode_unscaled(self, z: torch.Tensor) -> torch.Tensor:
         # z: (B, latent_channels, h, w) unscaled -> images (B, image_channels, h*f, w*f)
         return self.decoder(self.post_quant_conv(z))

@@ -41,6 +41,16 @@ class Codec(nn.Module, abc.ABC):
         each a scalar; what a first-stage trainer minimizes besides the reconstruction error."""
         return self.decode(self.encode(images, generator)), {}
 
+    def statistics(self) -> dict[str, float]:
+        """Monitoring values of the last `autoencode` call (e.g. a VQ codec's codebook usage and
+        perplexity), logged next to the losses; never minimized. None by default."""
+        return {}
+
+    def last_layer(self) -> nn.Parameter | None:
+        """The weight of the decoder's output layer, where a first-stage trainer balances the
+        reconstruction and adversarial gradients (Esser et al. 2021, Eq. 7); None if there is none."""
+        return None
+
     @property
     def name(self) -> str:
         return getattr(self, "registry_name", type(self).__name__)

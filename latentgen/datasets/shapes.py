@@ -15,9 +15,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from latentgen.datasets.transforms import Augmented
 from latentgen.errors import ConfigError
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
@@ -48,6 +50,7 @@ TEMPLATES: tuple[str, ...] = (
 
 SPLITS: tuple[str, ...] = ("train", "test")
 BACKGROUNDS: tuple[str, ...] = ("plain", "textured")
+LOW_RES_MODES: tuple[str, ...] = ("area", "bicubic")  # box filter; antialiased bicubic (PIL's BICUBIC resize)
 
 PLAIN_GRAY = 64
 TEXTURED_GRAY_RANGE = (40, 96)  # dark grays: every shape colour stands out in luminance or chroma
@@ -180,6 +183,17 @@ def render(shape: int | str, colour: int | str, size: int | str, position: tuple
     return to_tensor(render_uint8(shape, colour, size, position, image_size, rng, background))
 
 
+def downsample_uint8(pixels: np.ndarray, size: int, mode: str = "area") -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (size, size, 3), as a user shrinks a picture: `mode` "area" averages
+    each block (exact for integer factors), "bicubic" is antialiased like PIL's BICUBIC resize."""
+    if mode not in LOW_RES_MODES:
+        raise ConfigError(f"shapes: unknown low_res_mode '{mode}'; choose one of {', '.join(LOW_RES_MODES)}")
+    image = torch.from_numpy(np.array(pixels, dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W), a copy
+    options = {"antialias": True, "align_corners": False} if mode == "bicubic" else {}
+    small = F.interpolate(image, size=(size, size), mode=mode, **options)
+    return small[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()  # 8 bits, as a saved PNG
+
+
 def caption(shape: int | str, colour: int | str, size: int | str, template: int = 0) -> str:
     """The caption of a shape, e.g. "a large red circle"; template 0 is the canonical form."""
     return TEMPLATES[template].format(size=SIZES[_index(size, SIZES, "size")],
@@ -199,16 +213,29 @@ def parse_prompt(prompt: str) -> tuple[int, int] | None:
     return shapes.pop(), colours.pop()
 
 
-class ShapesDataset(Dataset):
-    """Captioned coloured shapes (circle, square, ... x red, green, ...) rendered on the fly, no download."""
+class ShapesDataset(Augmented, Dataset):
+    """Captioned coloured shapes (circle, square, ... x red, green, ...) rendered on the fly, no download.
+
+    With `low_res_size`, items also hold "low_res": the image shrunk to low_res_size pixels by
+    `low_res_mode` and stored in 8 bits, the input of a super-resolution model. With `flip`, an item
+    is mirrored left to right with probability 1/2, redrawn every epoch (captions are mirror-invariant).
+    """
 
     SHAPES = SHAPES
     COLOURS = COLOURS
     SIZES = SIZES
 
     def __init__(self, image_size: int = 32, size: int = 10000, seed: int = 0, split: str = "train",
-                 background: str = "textured") -> None:
+                 background: str = "textured", low_res_size: int | None = None, low_res_mode: str = "area",
+                 flip: bool = False) -> None:
         self.image_size = _check_image_size(image_size, "ShapesDataset", 16)
+        if low_res_size is not None and (isinstance(low_res_size, bool) or not isinstance(low_res_size, (int, np.integer))
+                                         or not 1 <= low_res_size < self.image_size):
+            raise ConfigError(f"ShapesDataset: low_res_size must be an integer in 1..{self.image_size - 1} "
+                              f"(below image_size), or null for no low-resolution copy; got {low_res_size!r}")
+        if low_res_mode not in LOW_RES_MODES:
+            raise ConfigError(f"ShapesDataset: unknown low_res_mode '{low_res_mode}'; "
+                              f"choose one of {', '.join(LOW_RES_MODES)}")
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
             raise ConfigError(f"ShapesDataset: size must be a positive integer, got {size!r}")
         if split not in SPLITS:
@@ -218,7 +245,13 @@ class ShapesDataset(Dataset):
                               f"choose one of {', '.join(BACKGROUNDS)}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"ShapesDataset: seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(flip, bool):
+            raise ConfigError(f"ShapesDataset: flip must be true or false, got {flip!r}")
         self.size, self.seed, self.split, self.background = int(size), int(seed), split, background
+        self.flip = self.augments = flip
+        self.augmentation_seed = self.seed
+        self.low_res_size = None if low_res_size is None else int(low_res_size)
+        self.low_res_mode = low_res_mode
         self.num_classes = len(SHAPES) * len(COLOURS)
         self.class_names = [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
         # Pre-rendering 10000 images at 32px takes about a second and makes every later epoch a
@@ -253,7 +286,9 @@ class ShapesDataset(Dataset):
             (shape, colour, size, template), pixels = self._factors[index].tolist(), self._images[index].numpy()
         else:
             (shape, colour, size, template), pixels = self._draw(index)
-        return {
+        if self.flip and self.augmentation_rng(index).random() < 0.5:
+            pixels = pixels[:, ::-1]  # (H, W, 3), mirrored left to right
+        item = {
             "image": to_tensor(pixels),  # (3, H, W) in [-1, 1]
             "prompt": caption(shape, colour, size, template),
             "label": shape * len(COLOURS) + colour,
@@ -261,7 +296,13 @@ class ShapesDataset(Dataset):
             "colour": colour,
             "size": size,
         }
+        if self.low_res_size is not None:
+            item["low_res"] = to_tensor(downsample_uint8(pixels, self.low_res_size, self.low_res_mode))  # (3, s, s)
+        return item
 
     def __repr__(self) -> str:
+        low_res = "" if self.low_res_size is None else \
+            f", low_res_size={self.low_res_size}, low_res_mode='{self.low_res_mode}'"
         return (f"ShapesDataset(image_size={self.image_size}, size={self.size}, seed={self.seed}, "
-                f"split='{self.split}', background='{self.background}')")
+                f"split='{self.split}', background='{self.background}'{low_res}"
+                f"{', flip=True' if self.flip else ''})")

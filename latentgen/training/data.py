@@ -1,54 +1,123 @@
-"""Batches for training: shuffled epochs from a dataset, and a cache of encoded latents."""
+"""Batches for training: endless shuffled epochs whose position (epoch, batch) is their whole state."""
 
 from __future__ import annotations
 
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from latentgen.datasets.transforms import Augmented
+
+_STREAM_STRIDE = 0x9E3779B97F4A7C15  # spreads (seed, index) pairs over the generator's seed space
+
+
+class ShuffledOrder:
+    """Index batches (batch_size,) from endless shuffled epochs of 0..size-1, the last partial batch of
+    each epoch dropped. Epoch e's permutation is a pure function of (seed, e), so a run that stopped
+    can continue from (epoch, batch) exactly, and every process of a data-parallel run sees the same
+    global batches."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, what: str = "train.*.batch_size"):
+        if batch_size < 1 or size < batch_size:
+            raise ValueError(f"the dataset has {size} items, fewer than {what} {batch_size}; lower the batch size "
+                             f"or use a larger dataset")
+        self.size, self.batch_size, self.seed = size, batch_size, int(seed)
+        self.epoch, self.batch = 0, 0
+        self._permutation: torch.Tensor | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.size // self.batch_size
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(derived_seed(self.seed, epoch)))
+
+    def next(self) -> torch.Tensor:
+        if self.batch == self.batches_per_epoch:
+            self.epoch, self.batch, self._permutation = self.epoch + 1, 0, None
+        if self._permutation is None:
+            self._permutation = self.permutation(self.epoch)
+        start = self.batch * self.batch_size
+        self.batch += 1
+        return self._permutation[start:start + self.batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "batch": self.batch, "size": self.size,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state["size"], state["batch_size"]) != (self.size, self.batch_size):
+            raise ValueError(f"the training state's data order is over {state['size']} items in batches of "
+                             f"{state['batch_size']}, this run has {self.size} and {self.batch_size}; resume with "
+                             f"the same dataset and batch size")
+        self.seed, self.epoch, self.batch = int(state["seed"]), int(state["epoch"]), int(state["batch"])
+        self._permutation = None
+
+
+def seed_from(generator: torch.Generator) -> int:
+    """A seed for a derived stream, drawn from `generator`."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of stream `index` (an epoch, a chunk of a batch) of a family seeded with `seed`."""
+    return (int(seed) * _STREAM_STRIDE + int(index)) % 2**63
+
+
+class DatasetBatches:
+    """Endless shuffled batches of dataset items (dicts collated by torch's default_collate).
+
+    `rows` picks this process's part of every global batch in data-parallel training. With
+    `num_workers` > 0 a DataLoader loads ahead in worker processes; the position still counts the
+    batches handed out, so `state_dict` is exact.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int = 0,
+                 rows: slice = slice(None), what: str = "train.*.batch_size"):
+        self.dataset, self.num_workers, self.rows = dataset, int(num_workers), rows
+        self.order = ShuffledOrder(len(dataset), batch_size, seed_from(generator), what)
+        self._loaded: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self) -> "DatasetBatches":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.num_workers == 0:
+            indices = self.order.next()[self.rows].tolist()
+            if isinstance(self.dataset, Augmented):
+                self.dataset.set_epoch(self.order.epoch)  # new random crops/flips each epoch, a function of it
+            return default_collate([self.dataset[i] for i in indices])
+        if self._loaded is None:
+            ahead = ShuffledOrder(self.order.size, self.order.batch_size, self.order.seed)
+            ahead.load_state_dict(self.order.state_dict())
+            sampler = _BatchSampler(ahead, self.rows)
+            # A private generator: the loader's own seed draw must not move the global torch generator.
+            self._loaded = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                                           generator=torch.Generator().manual_seed(self.order.seed)))
+        self.order.next()
+        return next(self._loaded)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.order.load_state_dict(state)
+        self._loaded = None
+
+
+class _BatchSampler:
+    """Endless index lists for a DataLoader, from a ShuffledOrder."""
+
+    def __init__(self, order: ShuffledOrder, rows: slice):
+        self.order, self.rows = order, rows
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.order.next()[self.rows].tolist()
 
 
 def epochs(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int = 0,
-           drop_last: bool = True) -> Iterator[dict[str, Any]]:
-    """Endless shuffled batches (dicts collated by torch's default_collate)."""
-    if len(dataset) < batch_size and drop_last:
-        raise ValueError(f"the dataset has {len(dataset)} items, fewer than batch_size {batch_size}; "
-                         f"lower train.*.batch_size or use a larger dataset")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                        num_workers=num_workers, drop_last=drop_last)
-    while True:
-        yield from loader
-
-
-class LatentCache:
-    """Every item's latents (encoded once by the frozen codec) with its conditioning inputs.
-
-    Stage 2 then draws batches from memory instead of running the encoder at every step.
-    """
-
-    def __init__(self, latents: torch.Tensor, inputs: dict[str, Any]):
-        self.latents = latents  # (N, C, h, w)
-        self.inputs = inputs    # key -> tensor (N, ...) or list of N values
-
-    @classmethod
-    @torch.no_grad()
-    def encode(cls, codec, dataset: Dataset, keep: tuple[str, ...], device: torch.device,
-               batch_size: int = 256) -> "LatentCache":
-        latents, inputs = [], {key: [] for key in keep}
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            latents.append(codec.encode(batch["image"].to(device)).float().cpu())
-            for key in keep:
-                if key not in batch:
-                    raise KeyError(f"the conditioner reads '{key}' but the dataset's items have only {sorted(batch)}")
-                inputs[key].append(batch[key])
-        joined = {key: torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for part in values for v in part]
-                  for key, values in inputs.items()}
-        return cls(torch.cat(latents), joined)
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
-
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        inputs = {key: value[indices] if isinstance(value, torch.Tensor) else [value[i] for i in indices.tolist()]
-                  for key, value in self.inputs.items()}
-        return self.latents[indices], inputs
+           rows: slice = slice(None)) -> DatasetBatches:
+    """Endless shuffled batches of `dataset` (see DatasetBatches)."""
+    return DatasetBatches(dataset, batch_size, generator, num_workers, rows)

@@ -1,65 +1,313 @@
-"""A whole training run from a composed config: stage 1 (codec), stage 2 (denoiser), checkpoints, grids."""
+"""A whole training run from a composed config: stage 1 (codec), stage 2 (denoiser), checkpoints,
+grids, and the training state that lets a stopped run continue exactly (`resume`).
+
+Files in the run directory: checkpoints/last.safetensors (a pipeline checkpoint: after stage 1, then
+the EMA weights of stage 2 every `checkpoint_every` steps), checkpoints/training_state.safetensors
+(everything else a resume needs, written at the same moments and at stage ends, every
+`checkpoint_every` steps of stage 1 too, and removed when the run finishes), metrics.csv, samples/,
+summary.json. With torchrun every process trains its share of each batch and only rank 0 writes.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from latentgen.devices import resolve_device
-from latentgen.pipeline import LatentDiffusionPipeline, build_component
-from latentgen.training.codec_stage import estimate_scale_factor, train_codec
-from latentgen.training.data import LatentCache
-from latentgen.training.denoiser_stage import train_denoiser
+from latentgen.checkpoint import atomic_write, load_module_state
+from latentgen.config.containers import to_plain
+from latentgen.errors import ConfigError
+from latentgen.pipeline import MODULE_KINDS, LatentDiffusionPipeline, build_component
+from latentgen.training import distributed, rng
+from latentgen.training.codec_stage import CodecTrainer, estimate_scale_factor
+from latentgen.training.denoiser_stage import DenoiserTrainer
+from latentgen.training.distributed import ProcessGroup
+from latentgen.training.latent_cache import LatentCache
+from latentgen.training.monitor import Monitor
+from latentgen.training.precision import Precision
 from latentgen.training.previews import reconstruction_grid, sample_grid
+from latentgen.training.stage_loop import StepBudget, run_steps, stage_log
+from latentgen.training.state_file import load_state, save_state
+
+log = logging.getLogger("latentgen.train")
 
 CHECKPOINT_NAME = "last.safetensors"
+STATE_NAME = "training_state.safetensors"
+STAGE_LABELS = {"codec": "stage 1: codec", "denoiser": "stage 2: denoiser"}
+# Settings a resumed run may change: where it runs and what it shows, never what it computes.
+RESUME_MAY_CHANGE = ("resume", "device", "train.num_workers", "train.log_every", "train.checkpoint_every",
+                     "train.stop_after_steps", "train.tensorboard", "train.sample_every", "train.sample_count",
+                     "train.sample_steps", "train.grid_size")
 
 
-def run_training(cfg: Any, run_dir: Path) -> Path:
-    """Train both stages as `cfg` says, writing into `run_dir`; returns the final checkpoint's path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train = cfg["train"]
-    device = resolve_device(cfg.get("device"))
-    torch.manual_seed(int(cfg["seed"]))
-    generator = torch.Generator().manual_seed(int(cfg["seed"]))
-    dataset = build_component("dataset", cfg["dataset"])
-    pipe = LatentDiffusionPipeline.from_config(cfg).to(device)
-    checkpoint_path = run_dir / "checkpoints" / CHECKPOINT_NAME
-    summary: dict[str, Any] = {"device": str(device), "checkpoint": str(checkpoint_path)}
+def state_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints" / STATE_NAME
 
-    def save(p: LatentDiffusionPipeline, stage: str, step: int) -> None:
-        p.save(checkpoint_path, metadata={"latentgen.stage": stage, "latentgen.step": str(step)})
 
-    codec_settings = train["codec"]
-    if any(p.requires_grad for p in pipe.codec.parameters()) and int(codec_settings["steps"]) > 0:
-        start = time.perf_counter()
-        history = train_codec(pipe.codec, dataset, codec_settings, device, generator, run_dir, train["log_every"])
-        if codec_settings.get("scale_by_std", True):
-            scale = estimate_scale_factor(pipe.codec, dataset, device)
-            pipe.codec.scale_factor = scale
-            pipe.codec.build_params["scale_factor"] = scale  # what the checkpoint's config records
-        save(pipe, "codec", int(codec_settings["steps"]))
-        grid_path = reconstruction_grid(pipe.codec, dataset, int(train["grid_size"]), run_dir / "samples" / "stage1_reconstructions.png")
-        summary["codec"] = {"seconds": round(time.perf_counter() - start, 1), "final_loss": history[-1][1],
-                            "scale_factor": pipe.codec.scale_factor, "grid": str(grid_path)}
-    pipe.codec.eval().requires_grad_(False)
+def run_training(cfg: Any, run_dir: Path, resume: bool = False) -> Path:
+    """Train both stages as `cfg` says, writing into `run_dir`; returns the pipeline checkpoint's path.
 
-    start = time.perf_counter()
-    cache = LatentCache.encode(pipe.codec, dataset, tuple(pipe.conditioner.input_keys), device)
-    denoiser_settings = train["denoiser"]
-    trained, history = train_denoiser(pipe, cache, denoiser_settings, generator, run_dir, train["log_every"],
-                                      checkpoint=lambda p, step: save(p, "denoiser", step),
-                                      checkpoint_every=int(train["checkpoint_every"]))
-    save(trained, "denoiser", int(denoiser_settings["steps"]))
-    train_seconds = time.perf_counter() - start
-    grid_path, captions = sample_grid(trained, dataset, int(train["grid_size"]), int(cfg["seed"]),
-                                      run_dir / "samples" / "stage2_samples.png")
-    summary["denoiser"] = {"seconds": round(train_seconds, 1), "final_loss": history[-1][1], "grid": str(grid_path),
-                           "grid_captions": captions}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return checkpoint_path
+    `resume=True` continues the run whose training state `run_dir` holds, to the same weights an
+    uninterrupted run ends with; `cfg` must be that run's config (up to RESUME_MAY_CHANGE).
+    `train.stop_after_steps=N` stops after N optimizer steps, keeping the state to resume from.
+    Under torchrun (WORLD_SIZE > 1) the processes share each global batch.
+    """
+    group, device, started = distributed.start(to_plain(cfg).get("device"))
+    try:
+        return TrainingRun(cfg, Path(run_dir), device, group).train(resume)
+    finally:
+        distributed.stop(started)
+
+
+class TrainingRun:
+    """The pieces of one run (pipeline, dataset, generator, precision, logs) and its two stages."""
+
+    def __init__(self, cfg: Any, run_dir: Path, device: torch.device, group: ProcessGroup):
+        self.config = to_plain(cfg)
+        self.train_settings = self.config["train"]
+        self.run_dir, self.device, self.group = run_dir, device, group
+        self.checkpoint_path = run_dir / "checkpoints" / CHECKPOINT_NAME
+        self.state_path = state_path(run_dir)
+        seed = int(self.config["seed"])
+        torch.manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dataset = build_component("dataset", self.config["dataset"])
+        self.pipe = LatentDiffusionPipeline.from_config(self.config).to(device)
+        self.precision = Precision(str(self.train_settings.get("precision", "fp32")), device)
+        self.budget = StepBudget(self.train_settings.get("stop_after_steps"))
+        self.monitor = Monitor.from_config(self.train_settings, run_dir, self.dataset, seed) if group.is_main else None
+        self.summary: dict[str, Any] = {"device": str(device), "checkpoint": str(self.checkpoint_path)}
+        self.seconds = {"codec": 0.0, "denoiser": 0.0}
+        if group.distributed:
+            self.summary["processes"] = group.world_size
+
+    # ---- the run ------------------------------------------------------------------------------
+
+    def train(self, resume: bool) -> Path:
+        if self.group.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = self._resumable_state() if resume else self._refuse_to_overwrite_state()
+        if state is not None:
+            for kind in MODULE_KINDS:
+                load_module_state(getattr(self.pipe, kind), state["modules"][kind], kind, self.state_path)
+            self._set_scale_factor(state["scale_factor"])
+            self.summary, self.seconds = {**state["summary"], "device": str(self.device)}, dict(state["seconds"])
+            if self.group.is_main:
+                _truncate_metrics(self.run_dir / "metrics.csv", state["stage"], state["step"])
+            log.info("resuming %s at %s, step %d", self.run_dir, STAGE_LABELS[state["stage"]], state["step"])
+        stage = state["stage"] if state is not None else "codec"
+        if stage == "codec" and not self._codec_stage(state):
+            return self._stopped()
+        self.pipe.codec.eval().requires_grad_(False)
+        if not self._denoiser_stage(state if stage == "denoiser" else None):
+            return self._stopped()
+        self._finish()
+        return self.checkpoint_path
+
+    def _codec_stage(self, state: Mapping[str, Any] | None) -> bool:
+        settings = self.train_settings["codec"]
+        if not (any(p.requires_grad for p in self.pipe.codec.parameters()) and int(settings["steps"]) > 0):
+            return True
+        began = time.perf_counter()
+        trainer = CodecTrainer(self.pipe.codec, self.dataset, settings, self.device, self.generator,
+                               int(self.train_settings.get("num_workers", 0)), self.precision, self.group)
+        first = self._resume_trainer(trainer, state)
+        log_ = stage_log(STAGE_LABELS["codec"], trainer.steps, first, self.run_dir, int(self.train_settings["log_every"]),
+                         self.monitor.events if self.monitor else None, self.group.is_main)
+
+        def preview(step: int) -> None:
+            if self.monitor is not None and self.monitor.due(step, trainer.steps):
+                self.monitor.reconstructions(self.pipe.codec, step, log_)
+
+        def save(step: int) -> None:
+            self._save_state("codec", step, trainer, began)
+
+        finished = run_steps(trainer, first, log_, checkpoint_every=int(self.train_settings["checkpoint_every"]),
+                             save=save, budget=self.budget, preview=preview)
+        log_.close()
+        if not finished:
+            return False
+        self.pipe.codec.eval()
+        if settings.get("scale_by_std", True):
+            self._set_scale_factor(estimate_scale_factor(self.pipe.codec, self.dataset, self.device))
+        self.seconds["codec"] += time.perf_counter() - began
+        if self.group.is_main:
+            self._save_pipeline(self.pipe, "codec", trainer.steps)
+            grid = reconstruction_grid(self.pipe.codec, self.dataset, int(self.train_settings["grid_size"]),
+                                       self.run_dir / "samples" / "stage1_reconstructions.png")
+            self.summary["codec"] = {"seconds": round(self.seconds["codec"], 1), "final_loss": _final_loss(log_),
+                                     "scale_factor": self.pipe.codec.scale_factor, "grid": str(grid)}
+        # The stage's end: a resume from here starts stage 2 afresh.
+        self._save_state("denoiser", 0, None, time.perf_counter())
+        return True
+
+    def _denoiser_stage(self, state: Mapping[str, Any] | None) -> bool:
+        settings = self.train_settings["denoiser"]
+        if state is not None and state["step"] == 0:
+            rng.restore(state["rng"], self.generator)  # saved at the end of stage 1, before all of this
+        began = time.perf_counter()
+        cache = self._latent_cache(settings.get("latent_cache"))
+        trainer = DenoiserTrainer(self.pipe, cache, settings, self.generator, self.precision, self.group)
+        first = self._resume_trainer(trainer, state)
+        log_ = stage_log(STAGE_LABELS["denoiser"], trainer.steps, first, self.run_dir,
+                         int(self.train_settings["log_every"]), self.monitor.events if self.monitor else None,
+                         self.group.is_main)
+
+        def preview(step: int) -> None:
+            if self.monitor is not None and self.monitor.due(step, trainer.steps):
+                self.monitor.samples(trainer.averaged(), step, log_)
+
+        def save(step: int) -> None:
+            if self.group.is_main:
+                self._save_pipeline(trainer.averaged(), "denoiser", step)
+            self._save_state("denoiser", step, trainer, began)
+
+        finished = run_steps(trainer, first, log_, checkpoint_every=int(self.train_settings["checkpoint_every"]),
+                             save=save, budget=self.budget, preview=preview)
+        log_.close()
+        if not finished:
+            return False
+        self.seconds["denoiser"] += time.perf_counter() - began
+        if self.group.is_main:
+            trained = trainer.averaged().eval()
+            self._save_pipeline(trained, "denoiser", trainer.steps)
+            grid, captions = sample_grid(trained, self.dataset, int(self.train_settings["grid_size"]),
+                                         int(self.config["seed"]), self.run_dir / "samples" / "stage2_samples.png")
+            self.summary["denoiser"] = {"seconds": round(self.seconds["denoiser"], 1),
+                                        "final_loss": _final_loss(log_), "grid": str(grid),
+                                        "grid_captions": captions}
+        return True
+
+    def _finish(self) -> None:
+        if self.group.is_main:
+            self.summary.update(self.monitor.close())
+            (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            self.state_path.unlink(missing_ok=True)  # finished: nothing left to resume
+        self.group.barrier()
+
+    def _stopped(self) -> Path:
+        if self.group.is_main:
+            self.monitor.close()
+            log.info("stopped after %d steps as train.stop_after_steps asks; the training state is in %s; "
+                     "continue with: latentgen-train resume=%s", self.budget.taken, self.state_path, self.run_dir)
+        self.group.barrier()
+        return self.checkpoint_path
+
+    # ---- data ---------------------------------------------------------------------------------
+
+    def _latent_cache(self, path: str | None) -> LatentCache:
+        keep = tuple(self.pipe.conditioner.input_keys)
+        if not path:
+            return LatentCache.encode(self.pipe.codec, self.dataset, keep, self.device)
+        dataset_config = self.config["dataset"]
+        if self.group.is_main:
+            cache = LatentCache.load_or_encode(path, self.pipe.codec, self.dataset, dataset_config, keep, self.device)
+        self.group.barrier()  # the other processes read what rank 0 wrote
+        if not self.group.is_main:
+            cache = LatentCache.load_or_encode(path, self.pipe.codec, self.dataset, dataset_config, keep, self.device,
+                                               write=False)
+        return cache
+
+    def _save_pipeline(self, pipe: LatentDiffusionPipeline, stage: str, step: int) -> None:
+        pipe.save(self.checkpoint_path, metadata={"latentgen.stage": stage, "latentgen.step": str(step)})
+
+    def _set_scale_factor(self, scale: float) -> None:
+        self.pipe.codec.scale_factor = float(scale)
+        self.pipe.codec.build_params["scale_factor"] = float(scale)  # what the checkpoint's config records
+
+    # ---- the training state -------------------------------------------------------------------
+
+    def _save_state(self, stage: str, step: int, trainer: Any, began: float) -> None:
+        """Write everything a resume needs (atomically; rank 0 only: every process holds the same)."""
+        if not self.group.is_main:
+            return
+        seconds = dict(self.seconds)
+        if trainer is not None:
+            seconds[stage] += time.perf_counter() - began
+        state = {"stage": stage, "step": step, "scale_factor": float(self.pipe.codec.scale_factor),
+                 "modules": {kind: getattr(self.pipe, kind).state_dict() for kind in MODULE_KINDS},
+                 "trainer": trainer.state_dict() if trainer is not None else None,
+                 "rng": rng.capture(self.generator), "summary": self.summary, "seconds": seconds}
+        save_state(self.state_path, state, {"latentgen.config": self.config, "latentgen.stage": stage,
+                                            "latentgen.step": str(step)})
+
+    def _resume_trainer(self, trainer: Any, state: Mapping[str, Any] | None) -> int:
+        """Load the trainer's part of `state` and the generators as they were; the first step to run."""
+        if state is None or state["trainer"] is None:
+            return 1
+        trainer.load_state_dict(state["trainer"])
+        rng.restore(state["rng"], self.generator)
+        return int(state["step"]) + 1
+
+    def _resumable_state(self) -> dict[str, Any]:
+        if not self.state_path.exists():
+            finished = " (its run finished: it has a checkpoint and no state)" if self.checkpoint_path.exists() else ""
+            raise ConfigError(f"nothing to resume in '{self.run_dir}'{finished}: it holds no checkpoints/{STATE_NAME}, "
+                              f"which a run keeps until it finishes. Start a new run without resume")
+        state, metadata = load_state(self.state_path)
+        stored = json.loads(metadata["latentgen.config"])
+        changed = config_differences(stored, self.config, RESUME_MAY_CHANGE)
+        if changed:
+            raise ConfigError(f"resume continues '{self.run_dir}' with the config it started with; this config differs "
+                              f"in {changed[:5]}. Resume with that config (latentgen-train resume=... takes it from the "
+                              f"run), or start a new run")
+        return state
+
+    def _refuse_to_overwrite_state(self) -> None:
+        if self.state_path.exists():
+            raise ConfigError(f"'{self.run_dir}' holds an unfinished run (its checkpoints/{STATE_NAME}); "
+                              f"continue it with resume=true hydra.run.dir={self.run_dir}, or train into another "
+                              f"directory")
+        return None
+
+
+def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two plain configs, e.g. ['train.denoiser.lr: 0.001 -> 0.002']."""
+    old, new = _dotted(stored), _dotted(current)
+    return [f"{key}: {old.get(key, '<absent>')} -> {new.get(key, '<absent>')}" for key in sorted(set(old) | set(new))
+            if old.get(key, "<absent>") != new.get(key, "<absent>")
+            and not any(key == name or key.startswith(name + ".") for name in ignore)]
+
+
+def _dotted(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        items: dict[str, Any] = {}
+        for key, value in config.items():
+            items.update(_dotted(value, f"{prefix}{key}."))
+        return items
+    return {prefix[:-1]: config}
+
+
+def _final_loss(stage_log: Any) -> float | None:
+    """The stage's last logged loss (None when the run resumed after it: an earlier invocation logged it)."""
+    return stage_log.history[-1][1] if stage_log.history else None
+
+
+def _truncate_metrics(path: Path, stage: str, step: int) -> None:
+    """Drop the rows metrics.csv got after the resumed position (the stopped run may have gone on)."""
+    if not path.exists():
+        return
+    order = list(STAGE_LABELS)
+    rows = list(csv.reader(path.read_text().splitlines()))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+
+    def keep(row: list[str]) -> bool:
+        label = row[0]
+        index = next((i for i, key in enumerate(order) if STAGE_LABELS[key] == label), -1)
+        if index < order.index(stage):
+            return True
+        return index == order.index(stage) and int(row[1]) <= step
+
+    kept = [header, *[row for row in body if keep(row)]]
+    if len(kept) != len(rows):
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(kept)
+        atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))

@@ -1,0 +1,185 @@
+"""The shapes judge: a small CNN that reads shape, colour and size off a rendered-shapes image.
+
+It is trained on the shapes dataset's own renders (train split) and checked on the test split, so
+it measures whether a generated image shows what its prompt asked for, and its penultimate layer
+gives the feature space for a Fréchet distance. Training is deterministic: fixed seeds, a forked
+RNG that leaves the global one alone, and a single CPU thread (which for a network this small is
+also the fastest setting, and makes the weights independent of the machine's core count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentgen.datasets.shapes import COLOURS, SHAPES, SIZES, ShapesDataset
+
+JUDGE_VERSION = 2  # bump when the network or the training loop changes: it keys the cache
+FEATURE_DIM = 64
+HEADS: dict[str, int] = {"shape": len(SHAPES), "colour": len(COLOURS), "size": len(SIZES)}
+NOISE_STD_MAX = 0.05  # augmentation: up to this much pixel noise (in [-1, 1] units) per image
+
+
+@dataclass(frozen=True)
+class JudgeRecipe:
+    """Everything besides the renderer and the image size that determines a judge's weights."""
+
+    train_images: int = 4000
+    steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 5e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    held_out_images: int = 1000
+    background: str = "textured"
+
+    def __post_init__(self) -> None:
+        for name in ("train_images", "steps", "batch_size", "held_out_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"shapes judge: {name} must be a positive integer; got {value!r}")
+        if self.batch_size > self.train_images:
+            raise ValueError(f"shapes judge: batch_size ({self.batch_size}) exceeds train_images ({self.train_images})")
+
+
+def _conv(in_channels: int, out_channels: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+
+
+class ShapesJudge(nn.Module):
+    """CNN over images (B, 3, S, S) in [-1, 1] -> logits per head: shape (6), colour (6), size (3).
+
+    The input gets a fourth channel, chroma = max - min over RGB: zero on the neutral-gray background
+    and high on every shape colour, so the silhouette is explicit whatever the colour. A strided stem
+    (above 32px) and pooling stages take the image down to about 8x8; global mean and max pooling then feed a 64-wide embedding
+    (`features`, the Fréchet-distance space) and one linear head per factor.
+    """
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__()
+        if image_size < 8:
+            raise ValueError(f"shapes judge: image_size must be at least 8; got {image_size}")
+        self.image_size = int(image_size)
+        # Above 32px the stem strides: full-resolution convolutions would cost 4x for little gain.
+        stride = 2 if image_size > 32 else 1
+        stages = max(1, round(math.log2(image_size / stride / 8)))
+        layers, width = _conv(4, 16, stride), 16
+        for _ in range(stages):
+            wider = min(64, 2 * width)
+            layers += [*_conv(width, wider), nn.MaxPool2d(2)]
+            width = wider
+        layers += [*_conv(width, 64), *_conv(64, 64)]
+        self.body = nn.Sequential(*layers)
+        self.embedding = nn.Linear(2 * 64, FEATURE_DIM)
+        self.heads = nn.ModuleDict({name: nn.Linear(FEATURE_DIM, count) for name, count in HEADS.items()})
+
+    def _check(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.image_size,) * 2:
+            raise ValueError(f"the shapes judge was built for images (B, 3, {self.image_size}, {self.image_size}); "
+                             f"got {tuple(images.shape)}. Build a judge at the generated images' size")
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The penultimate embedding (B, 64), before its ReLU."""
+        self._check(images)
+        chroma = images.amax(dim=1, keepdim=True) - images.amin(dim=1, keepdim=True) - 1  # (B, 1, S, S) in [-1, 1]
+        hidden = self.body(torch.cat([images, chroma], dim=1))  # (B, 64, s, s)
+        return self.embedding(torch.cat([hidden.mean(dim=(2, 3)), hidden.amax(dim=(2, 3))], dim=1))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = F.relu(self.features(images))
+        return {name: head(hidden) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        """The most likely index per head, each (B,) int64, on the CPU."""
+        device = next(self.parameters()).device
+        chunks = [self(images[i:i + batch_size].to(device, torch.float32)) for i in range(0, len(images), batch_size)]
+        return {name: torch.cat([chunk[name].argmax(dim=1).cpu() for chunk in chunks]) for name in HEADS}
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """`features` of a batch of any length, (B, 64) float64 on the CPU."""
+        device = next(self.parameters()).device
+        return torch.cat([self.features(images[i:i + batch_size].to(device, torch.float32)).double().cpu()
+                          for i in range(0, len(images), batch_size)])
+
+
+def rendered_split(image_size: int, count: int, split: str, seed: int,
+                   background: str = "textured") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`count` dataset renders (N, 3, S, S) in [-1, 1] and their factors {shape, colour, size} (N,)."""
+    data = ShapesDataset(image_size=image_size, size=count, seed=seed, split=split, background=background)
+    items = [data[i] for i in range(count)]
+    images = torch.stack([item["image"] for item in items])
+    factors = {name: torch.tensor([item[name] for item in items]) for name in HEADS}
+    return images, factors
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _binomial_blur(images: torch.Tensor) -> torch.Tensor:
+    """A [1, 2, 1] x [1, 2, 1] / 16 blur per channel, edges replicated."""
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(images.shape[1], 1, 3, 3)
+    return F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=images.shape[1])
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Blur (none, once or twice) and pixel noise: generated images are softer and noisier than renders,
+    and a judge should read a blurry red star as a red star."""
+    once = _binomial_blur(images)
+    choice = torch.randint(0, 3, (len(images), 1, 1, 1), generator=generator)
+    images = torch.where(choice == 0, images, torch.where(choice == 1, once, _binomial_blur(once)))
+    std = NOISE_STD_MAX * torch.rand(len(images), 1, 1, 1, generator=generator)
+    return images + std * torch.randn(images.shape, generator=generator)
+
+
+def train_shapes_judge(image_size: int, recipe: JudgeRecipe = JudgeRecipe()) -> ShapesJudge:
+    """A judge trained from scratch on `recipe.train_images` train-split renders (deterministic, CPU)."""
+    images, factors = rendered_split(image_size, recipe.train_images, "train", recipe.seed, recipe.background)
+    with torch.random.fork_rng(devices=[]), _single_thread():
+        torch.manual_seed(recipe.seed)
+        judge = ShapesJudge(image_size)
+        generator = torch.Generator().manual_seed(recipe.seed)
+        optimizer = torch.optim.AdamW(judge.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.learning_rate, total_steps=recipe.steps,
+                                                       pct_start=0.2)
+        judge.train()
+        order, position = torch.randperm(recipe.train_images, generator=generator), 0
+        for _ in range(recipe.steps):
+            if position + recipe.batch_size > recipe.train_images:
+                order, position = torch.randperm(recipe.train_images, generator=generator), 0
+            batch = order[position:position + recipe.batch_size]
+            position += recipe.batch_size
+            logits = judge(_augment(images[batch], generator))
+            loss = sum(F.cross_entropy(logits[name], factors[name][batch]) for name in HEADS)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return judge.eval().requires_grad_(False)
+
+
+def held_out_accuracy(judge: ShapesJudge, recipe: JudgeRecipe = JudgeRecipe()) -> dict[str, float]:
+    """Accuracy per head, and of shape-and-colour jointly, on `recipe.held_out_images` test-split renders."""
+    images, factors = rendered_split(judge.image_size, recipe.held_out_images, "test", recipe.seed, recipe.background)
+    with _single_thread():
+        predicted = judge.predict(images)
+    correct = {name: predicted[name] == factors[name] for name in HEADS}
+    accuracy = {name: float(hits.double().mean()) for name, hits in correct.items()}
+    accuracy["joint"] = float((correct["shape"] & correct["colour"]).double().mean())
+    return accuracy

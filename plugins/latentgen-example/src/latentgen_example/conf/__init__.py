@@ -1,0 +1,1 @@
+"""Hydra config options this plugin adds to latentgen's groups (found through hydra_plugins.latentgen_example)."""

@@ -1,0 +1,1 @@
+"""Hydra discovers latentgen-minilm's SearchPathPlugin in this package (see searchpath.py)."""
