@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from latentgen.contracts.codec import Codec
-from latentgen.nn.autoencoder import Decoder, DiagonalGaussian, Encoder
+from latentgen.codecs.autoencoder_body import build_autoencoder_body
+from latentgen.nn.autoencoder import DiagonalGaussian
 
 __all__ = ["KLCodec"]
 
@@ -37,31 +38,11 @@ class KLCodec(Codec):
         image_channels: int = 3,
     ) -> None:
         super().__init__()
-        channel_mult = tuple(int(m) for m in channel_mult)
-        if latent_channels <= 0 or not channel_mult:
-            raise ValueError(
-                f"codec 'KLCodec' needs latent_channels > 0 and a non-empty channel_mult; got "
-                f"latent_channels={latent_channels}, channel_mult={channel_mult}"
-            )
-        if scale_factor <= 0:
-            raise ValueError(f"codec 'KLCodec' needs scale_factor > 0; got {scale_factor}")
-        z_channels = latent_channels if z_channels is None else z_channels
-        self.latent_channels = int(latent_channels)
-        self.downsampling_factor = 2 ** (len(channel_mult) - 1)
-        self.scale_factor = float(scale_factor)
-        self.image_channels = int(image_channels)
-
-        architecture = dict(
-            ch=channels,
-            ch_mult=channel_mult,
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=tuple(attn_resolutions),
-            dropout=dropout,
-            resolution=resolution,
-            z_channels=z_channels,
-        )
-        self.encoder = Encoder(in_channels=image_channels, double_z=True, **architecture)
-        self.decoder = Decoder(out_ch=image_channels, **architecture)
+        z_channels = build_autoencoder_body(
+            self, "KLCodec", latent_channels=latent_channels, channels=channels, channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions, resolution=resolution,
+            dropout=dropout, z_channels=z_channels, scale_factor=scale_factor, image_channels=image_channels,
+            double_z=True)
         # 1x1 convs between the encoder/decoder width z_channels and the latent width, named as in
         # the original (nothing is quantized in the KL variant; the name is kept for the weights).
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * latent_channels, kernel_size=1)

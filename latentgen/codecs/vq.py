@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from latentgen.contracts.codec import Codec
-from latentgen.nn.autoencoder import Decoder, Encoder
+from latentgen.codecs.autoencoder_body import build_autoencoder_body
 from latentgen.nn.quantizer import Quantized, VectorQuantizer
 
 __all__ = ["VQCodec"]
@@ -43,31 +43,11 @@ class VQCodec(Codec):
         image_channels: int = 3,
     ) -> None:
         super().__init__()
-        channel_mult = tuple(int(m) for m in channel_mult)
-        if latent_channels <= 0 or not channel_mult:
-            raise ValueError(
-                f"codec 'VQCodec' needs latent_channels > 0 and a non-empty channel_mult; got "
-                f"latent_channels={latent_channels}, channel_mult={channel_mult}"
-            )
-        if scale_factor <= 0:
-            raise ValueError(f"codec 'VQCodec' needs scale_factor > 0; got {scale_factor}")
-        z_channels = latent_channels if z_channels is None else z_channels
-        self.latent_channels = int(latent_channels)
-        self.downsampling_factor = 2 ** (len(channel_mult) - 1)
-        self.scale_factor = float(scale_factor)
-        self.image_channels = int(image_channels)
-
-        architecture = dict(
-            ch=channels,
-            ch_mult=channel_mult,
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=tuple(attn_resolutions),
-            dropout=dropout,
-            resolution=resolution,
-            z_channels=z_channels,
-        )
-        self.encoder = Encoder(in_channels=image_channels, double_z=False, **architecture)
-        self.decoder = Decoder(out_ch=image_channels, **architecture)
+        z_channels = build_autoencoder_body(
+            self, "VQCodec", latent_channels=latent_channels, channels=channels, channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions, resolution=resolution,
+            dropout=dropout, z_channels=z_channels, scale_factor=scale_factor, image_channels=image_channels,
+            double_z=False)
         self.quant_conv = nn.Conv2d(z_channels, latent_channels, kernel_size=1)
         self.quantize = VectorQuantizer(num_codes, latent_channels, beta=beta, ema_decay=ema_decay)
         self.post_quant_conv = nn.Conv2d(latent_channels, z_channels, kernel_size=1)

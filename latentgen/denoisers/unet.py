@@ -15,6 +15,7 @@ from torch import nn
 
 from latentgen.contracts import Denoiser
 from latentgen.nn.attention import SpatialTransformer
+from latentgen.denoisers.inputs import check_denoiser_inputs
 from latentgen.nn.normalization import GroupNorm32
 from latentgen.nn.timestep_embedding import timestep_embedding
 
@@ -104,10 +105,6 @@ def _per_level(value: int | Sequence[int], levels: int, what: str) -> list[int]:
     if len(value) != levels:
         raise ValueError(f"unet: {what} must be an int or one value per level ({levels}), got {value}")
     return value
-
-
-def _format(shape: tuple) -> str:
-    return "(" + ", ".join(str(size) for size in shape) + ")"
 
 
 class UNet(Denoiser):
@@ -260,47 +257,6 @@ class UNet(Denoiser):
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
 
-    def _check_inputs(
-        self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """Validates x and cond against what this UNet was built for; returns t as (B,)."""
-        latent_channels = self.in_channels - self.concat_channels
-        if x.ndim != 4 or x.shape[1] != latent_channels:
-            raise ValueError(
-                f"{self.name}: expected x of shape (B, {latent_channels}, h, w), got {tuple(x.shape)}"
-            )
-        batch, _, height, width = x.shape
-        multiple = self.latent_size_multiple
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"{self.name}: expected latent height and width that are multiples of {multiple} "
-                f"(the UNet downsamples {multiple}x), got {height}x{width}"
-            )
-        expected = {
-            "crossattn": (batch, "L", self.context_dim),
-            "vector": (batch, self.vector_dim),
-            "concat": (batch, self.concat_channels, height, width),
-        }
-        for key in self.required_cond:
-            if key not in cond:
-                raise ValueError(
-                    f"{self.name}: cond[{key!r}] of shape {_format(expected[key])} is required, "
-                    f"got keys {sorted(cond)}"
-                )
-            value, shape = cond[key], expected[key]
-            matches = value.ndim == len(shape) and all(
-                want == "L" or got == want for got, want in zip(value.shape, shape)
-            )
-            if not matches:
-                raise ValueError(
-                    f"{self.name}: expected cond[{key!r}] of shape {_format(shape)}, got {tuple(value.shape)}"
-                )
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
-            t = t.reshape(1).expand(batch)
-        elif t.shape != (batch,):
-            raise ValueError(f"{self.name}: expected t of shape () or ({batch},), got {tuple(t.shape)}")
-        return t
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None
@@ -308,7 +264,7 @@ class UNet(Denoiser):
         """x (B, C, h, w), t () or (B,), cond {"crossattn": (B, L, D), "vector": (B, V), "concat":
         (B, C', h, w)} as built -> (B, out_channels, h, w) in x's dtype."""
         cond = {} if cond is None else cond
-        t = self._check_inputs(x, t, cond)
+        t = check_denoiser_inputs(self, x, t, cond, f"the UNet downsamples {self.latent_size_multiple}x")
         dtype = self.time_embed[0].weight.dtype  # compute in the parameters' dtype
 
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))  # (B, E)
