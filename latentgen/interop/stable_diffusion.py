@@ -21,6 +21,7 @@ import torch
 
 from latentgen.checkpoint import mismatch_report, save_tensors
 from latentgen.errors import CheckpointError, ConfigError
+from latentgen.fast_path import optimize_for_inference
 from latentgen.interop.original_config import pipeline_config, read_original_config, standard_config
 from latentgen.interop.weights_file import WeightsFile
 from latentgen.pipeline import LatentDiffusionPipeline, build_component
@@ -108,13 +109,16 @@ def _mapped_modules(codec, denoiser, conditioner) -> list[tuple[str, torch.nn.Mo
 
 def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | Path | Mapping[str, Any] | None = None,
                   dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                  use_ema: bool | None = None, prediction_type: str | None = None) -> LatentDiffusionPipeline:
-    """A pipeline from an original single-file checkpoint (.safetensors memory-mapped, or .ckpt).
+                  use_ema: bool | None = None, prediction_type: str | None = None, channels_last: bool = True,
+                  compile: bool = False) -> LatentDiffusionPipeline:
+    """A pipeline from an original single-file checkpoint (.safetensors, or .ckpt memory-mapped).
 
     `original_config`: the inference YAML (path or dict); None infers v1 or v2 from the keys (v2 is
     taken as the 768-v model, v-prediction: pass `prediction_type="eps"` for the 512 base model).
     `dtype`: the weights' dtype in memory (default float32), cast tensor by tensor from the file.
     `use_ema`: load `model_ema.*` when present (default: yes, as the original inference does).
+    `channels_last`, `compile`: the speed-ups of `latentgen.fast_path.optimize_for_inference`
+    (channels-last weights by default; each measured by benchmarks/sd_cpu.py).
     `checkpoint` may also be an open `WeightsFile` (or anything with its `path`, `keys`, `shape`,
     `tensor` and `in`).
     """
@@ -183,7 +187,7 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
     pipe.source = source
     if device is not None:
         pipe.to(device)
-    return pipe.eval()
+    return optimize_for_inference(pipe.eval(), channels_last=channels_last, compile=compile)
 
 
 def save_original(pipe: LatentDiffusionPipeline, path: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -1,13 +1,16 @@
 """Reading a single-file checkpoint (.safetensors or .ckpt) tensor by tensor, without a second full copy.
 
-A `.safetensors` file is memory-mapped and each tensor is read when asked for; a `.ckpt` is opened
-with `torch.load(weights_only=True, mmap=True)`, which refuses any pickle that would run code.
-Either way `tensor(key, dtype)` casts straight to the target dtype, so an fp16 file becomes a bf16
-model without an fp32 detour.
+A `.safetensors` tensor is read from its byte range when asked for, with a positioned read into a
+fresh buffer rather than through a memory map: pages of a mapped file stay resident (and count in the
+process's RSS) for as long as the map is open, so loading a 2 GiB fp16 file into bf16 weights would
+hold both copies at once. A `.ckpt` is opened with `torch.load(weights_only=True, mmap=True)`, which
+refuses any pickle that would run code. Either way `tensor(key, dtype)` casts straight to the target
+dtype, so an fp16 file becomes a bf16 model without an fp32 detour.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -18,6 +21,13 @@ import torch
 from latentgen.checkpoint import read_header
 from latentgen.errors import CheckpointError
 
+# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, format spec).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
 
 class WeightsFile:
     """The tensors of one checkpoint file, by key, loaded lazily."""
@@ -26,15 +36,19 @@ class WeightsFile:
         self.path = Path(path)
         if not self.path.exists():
             raise CheckpointError(f"checkpoint '{self.path}' does not exist; check the path")
-        self._safetensors = None
+        self._ranges: dict[str, tuple[int, int]] | None = None  # safetensors: key -> absolute byte range
         self._state: dict[str, torch.Tensor] | None = None
         if self._is_safetensors():
-            from safetensors import safe_open
-
             header = read_header(self.path)  # names truncation and corruption precisely
-            self._shapes = {key: (tuple(entry["shape"]), entry["dtype"]) for key, entry in header.items()
-                            if key != "__metadata__"}
-            self._safetensors = safe_open(str(self.path), framework="pt", device="cpu")
+            entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
+            unknown = sorted({entry["dtype"] for entry in entries.values()} - set(_SAFETENSORS_DTYPES))
+            if unknown:
+                raise CheckpointError(f"'{self.path}' holds tensors of dtype {unknown}, which latentgen cannot read")
+            with open(self.path, "rb") as handle:
+                data_start = 8 + int.from_bytes(handle.read(8), "little")
+            self._shapes = {key: (tuple(entry["shape"]), entry["dtype"]) for key, entry in entries.items()}
+            self._ranges = {key: (data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1])
+                            for key, entry in entries.items()}
         else:
             self._state = self._load_pickle()
             self._shapes = {key: (tuple(value.shape), str(value.dtype)) for key, value in self._state.items()}
@@ -82,10 +96,25 @@ class WeightsFile:
         return key in self._shapes
 
     def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        value = self._safetensors.get_tensor(key) if self._safetensors is not None else self._state[key]
+        value = self._read(key) if self._ranges is not None else self._state[key]
         if dtype is not None and value.dtype.is_floating_point and value.dtype != dtype:
             value = value.to(dtype)
         return value
+
+    def _read(self, key: str) -> torch.Tensor:
+        """One safetensors tensor, read from its byte range into memory it owns."""
+        begin, end = self._ranges[key]
+        shape, dtype_name = self._shapes[key]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        buffer, read = memoryview(raw.numpy()), 0
+        with open(self.path, "rb") as handle:
+            while read < len(buffer):  # one read returns at most ~2 GiB on Linux
+                count = os.preadv(handle.fileno(), [buffer[read:]], begin + read)
+                if count == 0:
+                    raise CheckpointError(f"'{self.path}' ended while reading '{key}' (got {read} of {end - begin} "
+                                          f"bytes); the file is truncated or changed while loading")
+                read += count
+        return raw.view(_SAFETENSORS_DTYPES[dtype_name]).view(shape)
 
     def tensors(self, keys: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return {key: self.tensor(key, dtype) for key in keys}

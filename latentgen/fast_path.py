@@ -1,0 +1,35 @@
+"""Inference speed-ups that leave what a pipeline computes unchanged (up to summation order).
+
+`optimize_for_inference(pipe)` is what `load_pipeline` applies by default to a Stable Diffusion
+checkpoint; `benchmarks/sd_cpu.py` measures each lever on its own. What it does:
+
+- channels-last weights for the denoiser and the codec (oneDNN convolutions on the CPU then run in
+  NHWC without reordering their input and output each call, and the spatial transformers'
+  (B, C, H, W) -> (B, HW, C) reshape becomes a view). On a 2-core AVX-512 CPU, SD v1 at 512x512, it
+  made the VAE decode 22-28 % faster in fp32 and bf16 and the bf16 UNet step 6-8 % faster in each of
+  four runs; the fp32 UNet step moved by -4 % to +9 %, within that machine's noise;
+- `compile=True`: `torch.compile` of the denoiser. Off by default: the first call of each input shape
+  compiles (7.3 s for the first SD step against 3.8 s, with inductor's on-disk cache warm; a cold
+  cache takes longer) for a 5-10 % faster step afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from latentgen.pipeline import LatentDiffusionPipeline
+
+
+def optimize_for_inference(pipe: "LatentDiffusionPipeline", channels_last: bool = True,
+                           compile: bool = False) -> "LatentDiffusionPipeline":
+    """Apply the speed-ups in place and return `pipe`; `pipe.fast_path` records which are on."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for module in (pipe.denoiser, pipe.codec):
+        module.to(memory_format=memory_format)  # only 4-D parameters (conv weights) change layout
+    if compile:
+        pipe.denoiser.compile(dynamic=False)
+    pipe.fast_path = {"channels_last": channels_last, "compile": compile}
+    return pipe

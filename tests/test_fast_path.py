@@ -1,0 +1,126 @@
+"""The CPU speed-ups change nothing but speed: positioned reads equal safetensors' own reader, bf16
+GroupNorm keeps float32 statistics, channels-last gives the contiguous results."""
+
+import pytest
+import safetensors.torch
+import torch
+
+from latentgen.errors import CheckpointError
+from latentgen.fast_path import optimize_for_inference
+from latentgen.interop.stable_diffusion import load_pipeline
+from latentgen.interop.weights_file import WeightsFile
+from latentgen.nn.normalization import GroupNorm32
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_weights_file_reads_every_dtype_as_safetensors_does(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=generator),
+        "f16": torch.randn(7, generator=generator).half(),
+        "bf16": torch.randn(2, 2, 2, generator=generator).bfloat16(),
+        "f64": torch.randn(4, generator=generator).double(),
+        "i64": torch.arange(6).view(2, 3),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "all.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    expected = safetensors.torch.load_file(str(path))
+    weights = WeightsFile(path)
+    for key, value in expected.items():
+        read = weights.tensor(key)
+        assert read.dtype == value.dtype and read.shape == value.shape, key
+        assert torch.equal(read, value), key
+    # Casting happens straight from the file's dtype; integer tensors are never cast.
+    assert torch.equal(weights.tensor("f16", torch.bfloat16), expected["f16"].to(torch.bfloat16))
+    assert weights.tensor("i64", torch.bfloat16).dtype == torch.int64
+
+
+def test_a_file_cut_while_loading_is_named(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    safetensors.torch.save_file({"a": torch.ones(1000), "b": torch.ones(1000)}, str(path))
+    weights = WeightsFile(path)
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 100)
+    with pytest.raises(CheckpointError, match="truncated or changed while loading"):
+        weights.tensor("b")
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_bf16_group_norm_keeps_float32_statistics(memory_format):
+    """A common offset of 20 standard deviations would wreck bf16-accumulated statistics (its sums
+    keep 8 bits); float32 ones only round the output."""
+    torch.manual_seed(0)
+    norm = GroupNorm32(8, 64)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = (torch.randn(2, 64, 16, 16) + 20).bfloat16().contiguous(memory_format=memory_format)
+    reference = torch.nn.functional.group_norm(x.double(), 8, norm.weight.double(), norm.bias.double(), norm.eps)
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, reference) < 4e-3  # bf16 output rounding only (2^-9 per element)
+    assert rel_err(norm.bfloat16()(x), reference) < 4e-3  # bf16 weights too
+
+
+@pytest.fixture(scope="module")
+def golden_files(shared_dir):
+    g = shared_dir / "golden"
+    return g / "sd-tiny-weights.safetensors", g / "sd-tiny-config.yaml"
+
+
+def _layout(module):
+    conv = next(p for p in module.parameters() if p.ndim == 4)
+    return "channels_last" if conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous() \
+        else "contiguous"
+
+
+def test_channels_last_gives_the_contiguous_results(golden_files):
+    weights, config = golden_files
+    fast = load_pipeline(weights, original_config=config, channels_last=True)
+    plain = load_pipeline(weights, original_config=config, channels_last=False)
+    assert _layout(fast.denoiser) == _layout(fast.codec) == "channels_last"
+    assert _layout(plain.denoiser) == _layout(plain.codec) == "contiguous"
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, plain.codec.latent_channels, 16, 16, generator=generator)
+    context = torch.randn(2, 77, plain.denoiser.context_dim, generator=generator)
+    t = torch.tensor([10.0, 900.0])
+    with torch.inference_mode():
+        assert rel_err(fast.denoiser(x, t, {"crossattn": context}), plain.denoiser(x, t, {"crossattn": context})) < 1e-5
+        assert rel_err(fast.decode(x[:1]), plain.decode(x[:1])) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_load_pipeline_uses_channels_last_by_default(golden_files, dtype):
+    weights, config = golden_files
+    pipe = load_pipeline(weights, original_config=config, dtype=dtype)
+    assert pipe.fast_path == {"channels_last": True, "compile": False}
+    assert _layout(pipe.codec) == _layout(pipe.denoiser) == "channels_last"
+
+
+def test_optimize_for_inference_switches_channels_last_back_off(golden_files):
+    weights, config = golden_files
+    pipe = optimize_for_inference(load_pipeline(weights, original_config=config), channels_last=False)
+    assert all(p.is_contiguous() for p in [*pipe.denoiser.parameters(), *pipe.codec.parameters()])
+    assert pipe.fast_path == {"channels_last": False, "compile": False}
+
+
+def test_compile_option_compiles_the_denoiser_to_the_same_results(golden_files):
+    weights, config = golden_files
+    plain = load_pipeline(weights, original_config=config)
+    compiled = load_pipeline(weights, original_config=config, compile=True)
+    assert compiled.fast_path["compile"] is True
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, plain.codec.latent_channels, 8, 8, generator=generator)
+    context = torch.randn(1, 77, plain.denoiser.context_dim, generator=generator)
+    t = torch.tensor([300.0])
+    with torch.inference_mode():
+        expected = plain.denoiser(x, t, {"crossattn": context})
+        assert rel_err(compiled.denoiser(x, t, {"crossattn": context}), expected) < 1e-5
+    assert compiled.denoiser._compiled_call_impl is not None  # nn.Module.compile's compiled forward
