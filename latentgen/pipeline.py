@@ -121,21 +121,25 @@ class LatentDiffusionPipeline:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
                         scheduler: Scheduler | None = None, dtype: torch.dtype | None = None,
-                        original_config: Any = None) -> "LatentDiffusionPipeline":
+                        original_config: Any = None, compile: bool = False) -> "LatentDiffusionPipeline":
         """A latentgen checkpoint, or an original Stable Diffusion single file (.safetensors or .ckpt,
         loaded through `latentgen.interop.stable_diffusion.load_pipeline`, with its inference YAML
-        as `original_config` when it is not a standard v1/v2 model)."""
+        as `original_config` when it is not a standard v1/v2 model). `compile=True` compiles the
+        denoiser with torch.compile (`latentgen.fast_path`)."""
+        from latentgen.fast_path import optimize_for_inference
         from latentgen.interop.stable_diffusion import is_original_checkpoint, load_pipeline
 
         path = Path(path)
         if is_original_checkpoint(path):
-            pipe = load_pipeline(path, original_config=original_config, dtype=dtype, device=device)
+            pipe = load_pipeline(path, original_config=original_config, dtype=dtype, device=device, compile=compile)
         elif original_config is not None:
             raise ConfigError(f"original_config applies to original Stable Diffusion files; '{path}' is not one")
         else:
             pipe = cls._from_latentgen_checkpoint(path, device)
             if dtype is not None:
                 pipe.to(dtype=dtype)
+            if compile:  # the channels-last layout was measured only on SD-sized models: left as it is
+                optimize_for_inference(pipe, channels_last=False, compile=True)
         if scheduler is not None:
             pipe.scheduler = scheduler
         return pipe

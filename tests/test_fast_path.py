@@ -124,3 +124,14 @@ def test_compile_option_compiles_the_denoiser_to_the_same_results(golden_files):
         expected = plain.denoiser(x, t, {"crossattn": context})
         assert rel_err(compiled.denoiser(x, t, {"crossattn": context}), expected) < 1e-5
     assert compiled.denoiser._compiled_call_impl is not None  # nn.Module.compile's compiled forward
+
+
+def test_from_checkpoint_passes_compile_to_both_formats(golden_files, tmp_path):
+    from latentgen.pipeline import LatentDiffusionPipeline
+
+    weights, config = golden_files
+    original = LatentDiffusionPipeline.from_checkpoint(weights, original_config=config, compile=True)
+    own = LatentDiffusionPipeline.from_checkpoint(original.save(tmp_path / "own.safetensors"), compile=True)
+    for pipe in (original, own):
+        assert pipe.fast_path["compile"] is True and pipe.denoiser._compiled_call_impl is not None
+    assert LatentDiffusionPipeline.from_checkpoint(tmp_path / "own.safetensors").denoiser._compiled_call_impl is None

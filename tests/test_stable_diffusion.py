@@ -327,7 +327,8 @@ def test_latentgen_sample_runs_an_original_checkpoint(prompted, tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(original))
     result = subprocess.run([str(Path(sys.executable).parent / "latentgen-sample"), f"checkpoint={path}",
                              f"original_config={tmp_path / 'config.yaml'}", "prompt=a red circle", "num_images=2", "steps=2",
-                             "dtype=bfloat16", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+                             "dtype=bfloat16", "compile=true", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list((tmp_path / "images").iterdir())) == 2 and (tmp_path / "grid.png").is_file()
 

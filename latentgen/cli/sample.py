@@ -65,7 +65,7 @@ def _sample(cfg: DictConfig) -> None:
         scheduler = build_component("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
         dtype = _DTYPES[cfg.dtype] if cfg.dtype is not None else None
         pipe = LatentDiffusionPipeline.from_checkpoint(cfg.checkpoint, device=device, scheduler=scheduler, dtype=dtype,
-                                                       original_config=cfg.original_config)
+                                                       original_config=cfg.original_config, compile=bool(cfg.compile))
         prompts, labels = _as_list(cfg.prompt), _as_list(cfg.label)
         steps = int(cfg.steps if cfg.steps is not None else pipe.sampling["steps"])
         callback = chain([ProgressBar(steps) if cfg.progress else None,
