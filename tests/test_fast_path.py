@@ -135,3 +135,14 @@ def test_from_checkpoint_passes_compile_to_both_formats(golden_files, tmp_path):
     for pipe in (original, own):
         assert pipe.fast_path["compile"] is True and pipe.denoiser._compiled_call_impl is not None
     assert LatentDiffusionPipeline.from_checkpoint(tmp_path / "own.safetensors").denoiser._compiled_call_impl is None
+
+
+def test_an_unreadable_dtype_is_named(tmp_path):
+    import json
+    import struct
+
+    header = json.dumps({"a": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "complex.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(CheckpointError, match=r"dtype \['C64'\].*convert them to F32, F16 or BF16"):
+        WeightsFile(path)

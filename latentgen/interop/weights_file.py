@@ -43,7 +43,8 @@ class WeightsFile:
             entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
             unknown = sorted({entry["dtype"] for entry in entries.values()} - set(_SAFETENSORS_DTYPES))
             if unknown:
-                raise CheckpointError(f"'{self.path}' holds tensors of dtype {unknown}, which latentgen cannot read")
+                raise CheckpointError(f"'{self.path}' holds tensors of dtype {unknown}, which latentgen cannot read; "
+                                      f"convert them to F32, F16 or BF16 with the tool that wrote the file")
             with open(self.path, "rb") as handle:
                 data_start = 8 + int.from_bytes(handle.read(8), "little")
             self._shapes = {key: (tuple(entry["shape"]), entry["dtype"]) for key, entry in entries.items()}

@@ -14,8 +14,9 @@ class GroupNorm32(nn.GroupNorm):
 
     Statistics over large feature maps lose too much precision in half/bfloat16. On the CPU, torch's
     group_norm takes a bf16/fp16 input with float32 weights and accumulates in float32 itself, so the
-    input goes in as it is (no float32 copy of the feature map, no cast back: about 5 % of a bf16 SD
-    UNet step); elsewhere the input is cast to float32 and the result back. Both round only the output.
+    input goes in as it is: no float32 copy of the feature map and no cast back, two passes fewer over
+    memory (on a bf16 SD v1 step the time difference was within noise; benchmarks/sd_cpu.py). Elsewhere
+    the input is cast to float32 and the result back. Both round only the output.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
