@@ -1,4 +1,4 @@
-"""Shared fixtures: where ../shared lives, and a deterministic torch setup for every test."""
+"""Shared fixtures: where ../shared lives, a deterministic torch setup for every test, one torch thread."""
 
 from __future__ import annotations
 
@@ -23,3 +23,14 @@ def shared_dir() -> Path:
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: tiny models gain nothing from a second one (on a shared 2-core
+    machine its spinning costs far more than the work), and runs compared bitwise must convolve with
+    the same thread count, which changes how a convolution sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

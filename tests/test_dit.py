@@ -16,14 +16,7 @@ from latentgen.nn.position_embedding import sincos_position_embedding_2d
 from latentgen.pipeline import LatentDiffusionPipeline
 from latentgen.testing import fill_zero_parameters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: on a shared 2-core machine, thread spin-up costs far more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**overrides) -> DiT:

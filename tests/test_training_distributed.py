@@ -31,16 +31,7 @@ def losses(run_dir):
     return [(row["stage"], int(row["step"]), float(row["loss"])) for row in csv.DictReader(open(run_dir / "metrics.csv"))]
 
 
-@pytest.fixture
-def one_thread():
-    """Both runs convolve with one thread: the thread count changes how a convolution sums."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_two_processes_train_like_one_on_the_whole_batch(tmp_path, one_thread):
+def test_two_processes_train_like_one_on_the_whole_batch(tmp_path, one_torch_thread):
     """Each process takes half of every global batch and the gradients are summed over processes.
 
     That is single-process training on the whole batch up to the order of float additions: a process

@@ -12,6 +12,8 @@ from latentgen.errors import ConfigError
 from latentgen.training.run import run_training, state_path
 from latentgen.training.state_file import flatten, load_state
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # 2 codec steps then 3 denoiser steps; every run stops after the last one so its training state is kept.
 TINY = ["experiment=smoke", "train.codec.steps=2", "train.denoiser.steps=3", "train.codec.batch_size=4",
         "train.denoiser.batch_size=4", "train.checkpoint_every=2", "train.sample_every=0", "train.tensorboard=false",
@@ -31,17 +33,8 @@ def state_tensors(run_dir):
     return tensors, structure
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine its spinning costs a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, one_thread):
+def uninterrupted(tmp_path_factory, one_torch_thread):
     """The training state at the end of an uninterrupted run with the given overrides (each run once)."""
     states = {}
 

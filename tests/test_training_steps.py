@@ -14,18 +14,11 @@ from latentgen.training.denoiser_stage import DenoiserTrainer
 from latentgen.training.latent_cache import LatentCache
 from latentgen.training.precision import Precision
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SETTINGS = {"steps": 10, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 2, "ema_decay": 0.9,
             "grad_clip": 1.0, "loss_weighting": "min_snr", "snr_gamma": 5.0}
 PROMPTS = ["a small red circle", "a large blue star", "a medium green square", "a small cyan cross"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine its spinning costs a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,11 @@ from latentgen.denoisers.unet import UNet
 from latentgen.nn.attention import Attention, SpatialTransformer
 from latentgen.nn.timestep_embedding import timestep_embedding
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PREFIX = "model.diffusion_model."
 # Keys of the original UNetModel's params that only select code paths this UNet always takes.
 ORIGINAL_ONLY = {"image_size", "use_spatial_transformer", "use_checkpoint", "use_fp16"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: on a shared 2-core machine, thread spin-up costs far more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def unet_from_original_params(params: dict) -> UNet:
