@@ -89,8 +89,9 @@ def matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def attention_flops(denoiser, call) -> int:
-    """FLOPs of every attention product (Q K^T and P V) in one call, from the layers' input shapes."""
+def attention_flops(denoiser, call) -> tuple[int, object]:
+    """(FLOPs of every attention product (Q K^T and P V) in one call, from the layers' input shapes;
+    the call's result)."""
     from latentgen.nn.attention import Attention
 
     total = [0]
@@ -103,24 +104,24 @@ def attention_flops(denoiser, call) -> int:
 
     hooks = [m.register_forward_pre_hook(count, with_kwargs=True) for m in denoiser.modules() if isinstance(m, Attention)]
     try:
-        call()
+        result = call()
     finally:
         for hook in hooks:
             hook.remove()
-    return total[0]
+    return total[0], result
 
 
-def timed(call, repeats: int) -> tuple[float, float]:
-    """(median seconds of `repeats` calls, seconds of the first call before them)."""
+def timed(call, repeats: int) -> tuple[float, float, object]:
+    """(median seconds of `repeats` calls, seconds of the first call before them, the last result)."""
     start = time.perf_counter()
-    call()  # warm-up: oneDNN primitive creation, torch.compile's compilation
+    result = call()  # warm-up: oneDNN primitive creation, torch.compile's compilation
     first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        call()
+        result = call()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), first
+    return statistics.median(times), first, result
 
 
 def run_config(name: str, path: Path, reference: Path, repeats: int, txt2img: bool) -> dict:
@@ -152,17 +153,16 @@ def run_config(name: str, path: Path, reference: Path, repeats: int, txt2img: bo
     inputs = (latents.to(dtype), timesteps, {"crossattn": context.to(dtype)})
 
     with torch.inference_mode():
-        step_s, first_s = timed(lambda: pipe.denoiser(*inputs), repeats)
-        unet_out = pipe.denoiser(*inputs).float()
+        step_s, first_s, unet_out = timed(lambda: pipe.denoiser(*inputs), repeats)
+        unet_out = unet_out.float()
         row = {"config": name, "load_s": load_s, "step_s": step_s, "first_step_s": first_s}
         if name == REFERENCE:  # the same network whatever the config: count once, uncompiled
             counter = FlopCounterMode(display=False)
             with counter:
-                pipe.denoiser(*inputs)
+                attention, _ = attention_flops(pipe.denoiser, lambda: pipe.denoiser(*inputs))
             row["gflop"] = counter.get_total_flops() / 1e9
-            row["attention_gflop"] = attention_flops(pipe.denoiser, lambda: pipe.denoiser(*inputs)) / 1e9
-        image = pipe.decode(decode_latent)
-        row["decode_s"] = timed(lambda: pipe.decode(decode_latent), max(1, repeats - 1))[0]
+            row["attention_gflop"] = attention / 1e9
+        row["decode_s"], _, image = timed(lambda: pipe.decode(decode_latent), max(1, repeats - 1))
 
     if txt2img:
         start = time.perf_counter()
