@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentgen.nn.blocked_attention import dot_product_attention
 from latentgen.nn.normalization import GroupNorm32
 
 
@@ -54,8 +55,8 @@ class Attention(nn.Module):
         q = self.to_q(x).view(batch, n_queries, self.heads, self.dim_head).transpose(1, 2)  # (B, H, N, d)
         k = self.to_k(context).view(batch, context.shape[1], self.heads, self.dim_head).transpose(1, 2)  # (B, H, L, d)
         v = self.to_v(context).view(batch, context.shape[1], self.heads, self.dim_head).transpose(1, 2)  # (B, H, L, d)
-        # Attention in the input dtype: SDPA accumulates its softmax in float32 internally for bf16/fp16.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
+        # Attention in the input dtype; the softmax accumulates in float32 internally for bf16/fp16.
+        out = dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(batch, n_queries, self.heads * self.dim_head)  # (B, N, H * d)
         return self.to_out(out)
 
