@@ -107,3 +107,17 @@ def test_layers_take_the_blocked_path_in_bf16_within_bf16_accuracy_of_float32(mo
         monkeypatch.setattr(F, "scaled_dot_product_attention", no_sdpa)
         out = module(x_bf16)
     assert rel_err(out, expected) < 2e-2
+
+
+def test_autocast_without_grad_takes_the_blocked_path():
+    # Sampling previews during bf16-autocast training: linears give bf16 queries, no gradients wanted.
+    module = Attention(64, heads=4, dim_head=16)
+    x = torch.randn(2, 256, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = module(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q = module.to_q(x)
+            assert q.dtype == torch.bfloat16 and blocked.uses_blocked_path(q, q)
+            out = module(x)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, expected) < 1e-2
