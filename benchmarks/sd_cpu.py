@@ -50,8 +50,15 @@ CONFIGS = {
 REFERENCE = "fp32-plain"
 
 
+# Written into the file's metadata; a file from another version of make_checkpoint is rebuilt.
+# Version 2: attention `to_out.0.weight` matrices are random, no longer all ones (version 1 matched
+# them as the UNet's final norm `out.0.weight`).
+CHECKPOINT_VERSION = "2"
+
+
 def make_checkpoint(spec: Path, path: Path) -> None:
-    """Random fp16 weights (the common distribution format) for every key of the spec."""
+    """Random fp16 weights (the common distribution format) for every key of the spec: norm weights 1,
+    other vectors 0, matrices and kernels randn / sqrt(fan_in)."""
     import torch
     from safetensors.torch import save_file
 
@@ -63,8 +70,9 @@ def make_checkpoint(spec: Path, path: Path) -> None:
         key, shape = line.split("\t")
         dims = () if shape == "scalar" else tuple(int(n) for n in shape.split("x"))
         if key.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "norm_out.weight",
-                         "ln_final.weight", "layer_norm1.weight", "layer_norm2.weight", "final_layer_norm.weight")) \
-                or ".in_layers.0.weight" in key or ".out_layers.0.weight" in key or key.endswith("out.0.weight"):
+                         "ln_final.weight", "layer_norm1.weight", "layer_norm2.weight", "final_layer_norm.weight",
+                         "diffusion_model.out.0.weight")) \
+                or ".in_layers.0.weight" in key or ".out_layers.0.weight" in key:
             tensors[key] = torch.ones(dims, dtype=torch.float16)
         elif len(dims) >= 2:
             fan_in = 1
@@ -73,7 +81,15 @@ def make_checkpoint(spec: Path, path: Path) -> None:
             tensors[key] = (torch.randn(dims, generator=generator) / fan_in**0.5).half()
         else:
             tensors[key] = torch.zeros(dims, dtype=torch.float16)
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata={"latentgen_random_sd_v1": CHECKPOINT_VERSION})
+
+
+def checkpoint_version(path: Path) -> str | None:
+    """The make_checkpoint version that wrote `path`, or None for any other file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        return (file.metadata() or {}).get("latentgen_random_sd_v1")
 
 
 def matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
@@ -195,7 +211,7 @@ def run_config(name: str, path: Path, reference: Path, repeats: int, txt2img: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=REPO.parent / "shared" / "spec" / "sd-v1-keys.tsv")
-    parser.add_argument("--file", type=Path, default=Path(tempfile.gettempdir()) / "sd-v1-random.safetensors")
+    parser.add_argument("--file", type=Path, default=Path(tempfile.gettempdir()) / f"sd-v1-random-v{CHECKPOINT_VERSION}.safetensors")
     parser.add_argument("--configs", default="fp32-plain,fp32,bf16-plain,bf16",
                         help=f"comma-separated, from {list(CONFIGS)}")
     parser.add_argument("--repeats", type=int, default=3)
@@ -220,7 +236,10 @@ def main() -> None:
     if REFERENCE not in configs:
         configs.insert(0, REFERENCE)  # errors are measured against it
     configs.sort(key=lambda name: name != REFERENCE)
-    if not args.file.exists():
+    version = checkpoint_version(args.file) if args.file.exists() else CHECKPOINT_VERSION
+    if args.file.exists() and version is None:  # a real checkpoint, or one written before versions: used as given
+        print(f"{args.file} was not written by this script's make_checkpoint: measuring it as given")
+    if not args.file.exists() or version not in (None, CHECKPOINT_VERSION):  # only ever overwrites its own files
         start = time.perf_counter()
         make_checkpoint(args.spec, args.file)
         print(f"wrote {args.file} ({args.file.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.0f} s")

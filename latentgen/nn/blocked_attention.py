@@ -6,7 +6,8 @@ float32, where the bf16 matmul peak is 4x the float32 one. Two batched matmuls p
 queries against all keys, with the softmax between them, keep the block's scores in cache and reach
 the bf16 GEMM kernels: 120 ms for that layer, 11 ms instead of 29 ms at 1024 tokens, and 43 ms instead
 of 162 ms for the VAE's single 512-wide head at 4096 tokens (`benchmarks/attention_cpu.py`). A whole
-bf16 SD v1 UNet step went from 3.50 s to 2.51 s (`benchmarks/sd_cpu.py`, config `bf16-sdpa-attention`).
+bf16 SD v1 UNet step was 1.26-1.39x faster in four runs, e.g. 3.50 s -> 2.51 s (`benchmarks/sd_cpu.py`,
+config `bf16-sdpa-attention` for the old path).
 
 The price is precision: the scores are rounded to bf16 before the softmax (which itself accumulates
 in float32). On random inputs the relative error against float64 is 5.7e-3 where the flash kernel
