@@ -10,6 +10,7 @@ import torch
 
 from latentgen.errors import CheckpointError
 from latentgen.checkpoint import save_tensors
+from latentgen.datasets.transforms import Augmented
 from latentgen.training import rng
 from latentgen.training.data import DatasetBatches, ShuffledOrder
 from latentgen.training.state_file import load_state, save_state
@@ -79,6 +80,33 @@ def test_dataset_batches_with_worker_processes_resume_from_the_batches_handed_ou
     assert batches[0]["caption"] == [f"item {i}" for i in expected[2]]
     second_half = DatasetBatches(Items(), 4, torch.Generator().manual_seed(0), rows=slice(2, 4))
     assert [next(second_half)["index"].tolist() for _ in range(5)] == [batch[2:] for batch in expected]
+
+
+class Draws(torch.utils.data.Dataset, Augmented):
+    """Each item is a number drawn from its augmentation generator: a function of (seed, epoch, index)."""
+
+    augments, augmentation_seed = True, 3
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return {"index": index, "draw": float(self.augmentation_rng(index).random())}
+
+
+def test_worker_processes_redraw_augmentations_every_epoch_as_the_main_process_does():
+    # Workers hold copies of the dataset; the epoch must reach them with each index.
+    def batches(num_workers):
+        source = DatasetBatches(Draws(), 4, torch.Generator().manual_seed(0), num_workers=num_workers)
+        return [next(source) for _ in range(6)]  # three epochs of two batches
+
+    in_process, in_workers = batches(0), batches(2)
+    for expected, loaded in zip(in_process, in_workers):
+        assert loaded["index"].tolist() == expected["index"].tolist()
+        assert torch.equal(loaded["draw"], expected["draw"])
+    first_epoch = {i: d for b in in_workers[:2] for i, d in zip(b["index"].tolist(), b["draw"].tolist())}
+    second_epoch = {i: d for b in in_workers[2:4] for i, d in zip(b["index"].tolist(), b["draw"].tolist())}
+    assert all(first_epoch[i] != second_epoch[i] for i in first_epoch)
 
 
 def test_generators_are_restored_to_draw_the_same_numbers():

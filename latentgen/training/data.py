@@ -91,9 +91,13 @@ class DatasetBatches:
         if self._loaded is None:
             ahead = ShuffledOrder(self.order.size, self.order.batch_size, self.order.seed)
             ahead.load_state_dict(self.order.state_dict())
-            sampler = _BatchSampler(ahead, self.rows)
+            augmented = isinstance(self.dataset, Augmented)
+            sampler = _BatchSampler(ahead, self.rows, with_epoch=augmented)
+            # Each worker holds its own copy of the dataset, which set_epoch here would never reach:
+            # the epoch travels with every index instead.
+            dataset = _EpochItems(self.dataset) if augmented else self.dataset
             # A private generator: the loader's own seed draw must not move the global torch generator.
-            self._loaded = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+            self._loaded = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                            generator=torch.Generator().manual_seed(self.order.seed)))
         self.order.next()
         return next(self._loaded)
@@ -107,14 +111,30 @@ class DatasetBatches:
 
 
 class _BatchSampler:
-    """Endless index lists for a DataLoader, from a ShuffledOrder."""
+    """Endless index lists for a DataLoader, from a ShuffledOrder; with `with_epoch`, (epoch, index) pairs."""
 
-    def __init__(self, order: ShuffledOrder, rows: slice):
-        self.order, self.rows = order, rows
+    def __init__(self, order: ShuffledOrder, rows: slice, with_epoch: bool = False):
+        self.order, self.rows, self.with_epoch = order, rows, with_epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         while True:
-            yield self.order.next()[self.rows].tolist()
+            indices = self.order.next()[self.rows].tolist()
+            yield [(self.order.epoch, i) for i in indices] if self.with_epoch else indices
+
+
+class _EpochItems(Dataset):
+    """An Augmented dataset indexed by (epoch, index): the item as it is in that epoch, in any process."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
 
 
 def epochs(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int = 0,
