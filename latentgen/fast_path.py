@@ -10,11 +10,12 @@ checkpoint; `benchmarks/sd_cpu.py` measures each lever on its own. What it does:
   four runs; the fp32 UNet step moved by -4 % to +9 %, within that machine's noise;
 - `compile=True`: `torch.compile` of the denoiser. Off by default: the first call of each input shape
   compiles (7.3 s for the first SD step against 3.8 s, with inductor's on-disk cache warm; a cold
-  cache takes longer) for a 5-10 % faster step afterwards.
+  cache takes longer) for a 5-10 % faster step afterwards with torch's flash attention, 3 % (within
+  noise) with the blocked bf16 attention below, which runs outside the compiled graph.
 
 One more CPU lever is chosen per call rather than here, since it only applies to bf16: attention with
-at least 256 keys runs blocked (`latentgen.nn.blocked_attention`), 1.9x faster than torch's flash
-kernel at SD's 4096 tokens, with the scores rounded to bf16.
+at least 256 keys runs blocked (`latentgen.nn.blocked_attention`), about 2x faster than torch's
+flash kernel at SD's 4096 tokens, with the scores rounded to bf16.
 """
 
 from __future__ import annotations
