@@ -56,12 +56,12 @@ def test_one_block_per_head_when_the_scores_fit(monkeypatch):
 
 @pytest.mark.parametrize(
     "case",
-    ["float32", "short keys", "mask", "needs grad", "switched off"],
+    ["float32", "short keys", "mask", "needs grad", "switched off", "broadcast heads"],
 )
 def test_other_inputs_go_to_sdpa_unchanged(case):
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     keys = 77 if case == "short keys" else 300
-    q, k, v = inputs((2, 2, 300, 16), (2, 2, keys, 16), dtype=dtype)
+    q, k, v = inputs((2, 2, 300, 16), (2, 1 if case == "broadcast heads" else 2, keys, 16), dtype=dtype)
     mask = torch.ones(300, keys, dtype=torch.bool).tril() if case == "mask" else None
     if case == "needs grad":
         q.requires_grad_(True)

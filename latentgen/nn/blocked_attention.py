@@ -54,6 +54,7 @@ def uses_blocked_path(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor 
         and q.device.type == "cpu"
         and q.dtype == torch.bfloat16
         and attn_mask is None
+        and q.shape[:-2] == k.shape[:-2]  # broadcast leading dims are left to torch
         and k.shape[-2] >= MIN_KEYS
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
     )
@@ -66,7 +67,8 @@ def dot_product_attention(
 
     Same contract as `F.scaled_dot_product_attention(q, k, v, attn_mask)` without dropout.
     """
-    if not uses_blocked_path(q, k, attn_mask) or (torch.is_grad_enabled() and v.requires_grad):
+    if (not uses_blocked_path(q, k, attn_mask) or v.shape[:-1] != k.shape[:-1]
+            or (torch.is_grad_enabled() and v.requires_grad)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return _blocked(q, k, v)
 
