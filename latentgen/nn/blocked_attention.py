@@ -87,7 +87,9 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # bf16 GEMM runs whole vector tiles: P V with 40 columns took 0.19 ms per 256 x 4096 block,
     # with 48 columns 0.13 ms.
     padded_dim = -(-value_dim // VALUE_WIDTH_MULTIPLE) * VALUE_WIDTH_MULTIPLE
-    v = F.pad(v.reshape(-1, n_keys, value_dim), (0, padded_dim - value_dim))
+    v = v.reshape(-1, n_keys, value_dim)
+    if padded_dim != value_dim:
+        v = F.pad(v, (0, padded_dim - value_dim))
     out = q.new_empty(q.shape[0], n_queries, padded_dim)
     rows = max(1, min(n_queries, BLOCK_SCORES // n_keys))
     for head in range(q.shape[0]):
