@@ -236,10 +236,10 @@ def main() -> None:
     if REFERENCE not in configs:
         configs.insert(0, REFERENCE)  # errors are measured against it
     configs.sort(key=lambda name: name != REFERENCE)
-    version = checkpoint_version(args.file) if args.file.exists() else CHECKPOINT_VERSION
+    version = checkpoint_version(args.file) if args.file.exists() else None
     if args.file.exists() and version is None:  # a real checkpoint, or one written before versions: used as given
         print(f"{args.file} was not written by this script's make_checkpoint: measuring it as given")
-    if not args.file.exists() or version not in (None, CHECKPOINT_VERSION):  # only ever overwrites its own files
+    elif version != CHECKPOINT_VERSION:  # missing, or an older file of this script's: the only files it overwrites
         start = time.perf_counter()
         make_checkpoint(args.spec, args.file)
         print(f"wrote {args.file} ({args.file.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.0f} s")
