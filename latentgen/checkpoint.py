@@ -1,6 +1,7 @@
-"""latentgen checkpoints: safetensors weights with the resolved config and component provenance.
+"""latentgen checkpoint files: safetensors weights with the resolved config and component provenance, and
+the safetensors reading and atomic writing every format and the trainer share.
 
-A checkpoint is one `.safetensors` file. Its tensors are the state dicts of the pipeline's modules
+A checkpoint is one `.safetensors` file (the format `latentgen`, latentgen.formats.native). Its tensors are the state dicts of the pipeline's modules
 under the prefixes `codec.`, `denoiser.` and `conditioner.`; its header metadata holds JSON under
 `latentgen.config` (everything needed to rebuild the components through the registry) and
 `latentgen.components` (which distribution and version provided each one). No code is pickled.
@@ -85,13 +86,52 @@ def read_header(path: Path) -> dict:
             header = json.loads(handle.read(header_size))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"'{path}' has a corrupt safetensors header: {exc}") from exc
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"'{path}' has a corrupt safetensors header: not a JSON object")
+    try:
+        end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                  default=0)
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise CheckpointError(f"'{path}' has a malformed safetensors header (a tensor entry without valid "
+                              f"data_offsets: {exc!r}); the file is corrupt, use an intact copy") from None
     if 8 + header_size + end > size:
         raise CheckpointError(
             f"checkpoint '{path}' is truncated: its header describes {8 + header_size + end} bytes but the "
             f"file has {size}; the file was cut off while copying or writing — use an intact copy"
         )
     return header
+
+
+def _header_or_none(path: Path) -> dict | None:
+    """The safetensors JSON header of `path`, or None when it is not a readable safetensors file. Reads the
+    header only (a format's `sniff` must be cheap and must not raise)."""
+    try:
+        if not path.is_file():
+            return None
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return None
+            (header_size,) = struct.unpack("<Q", prefix)
+            if header_size > min(size - 8, 100_000_000):
+                return None
+            header = json.loads(handle.read(header_size))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str] | None:
+    """The string metadata of a safetensors file ({} if it has none), or None if `path` is not one."""
+    header = _header_or_none(Path(path))
+    return None if header is None else dict(header.get("__metadata__") or {})
+
+
+def safetensors_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a safetensors file ([] if `path` is not one)."""
+    header = _header_or_none(Path(path)) or {}
+    return [key for key in header if key != "__metadata__"]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -106,13 +146,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     metadata = header.get("__metadata__", {}) or {}
     if CONFIG_KEY not in metadata:
         keys = [key for key in header if key != "__metadata__"]
-        hint = ""
-        if any(key.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for key in keys):
-            hint = (" It has the key layout of an original Stable Diffusion checkpoint; load it with "
-                    "latentgen.interop.stable_diffusion.load_pipeline.")
         raise CheckpointError(
             f"'{path}' is a safetensors file but not a latentgen checkpoint (no '{CONFIG_KEY}' metadata; "
-            f"first keys: {keys[:3]}).{hint}"
+            f"first keys: {keys[:3]}). If another checkpoint format reads it, "
+            f"LatentDiffusionPipeline.from_checkpoint finds that format"
         )
     try:
         config = json.loads(metadata[CONFIG_KEY])

@@ -3,35 +3,46 @@
 from __future__ import annotations
 
 from latentgen.contracts import Codec, Conditioner, Denoiser
+from latentgen.contracts.cond_keys import COND_KEYS, cond_key
 from latentgen.errors import IncompatibleComponentsError
 
-# The denoiser parameter that sets the width of each cond key, for the fix we suggest.
-_WIDTH_PARAMETER = {"crossattn": "context_dim", "vector": "vector_dim", "concat": "concat_channels"}
+
+def _unset(key: str) -> str:
+    """The override value of a width attribute that makes a denoiser not read `key`."""
+    off = COND_KEYS[key].off
+    return "null" if off is None else str(off)
 
 
 def compatibility_problems(codec: Codec, denoiser: Denoiser, conditioner: Conditioner) -> list[str]:
     """Every mismatch between the three components, each naming both sides and the override that fixes it."""
     problems = []
     c, d, k = f"codec '{codec.name}'", f"denoiser '{denoiser.name}'", f"conditioner '{conditioner.name}'"
+    provided, required = conditioner.outputs, denoiser.required_cond
+    for key in provided:
+        try:
+            cond_key(key)
+        except ValueError as exc:
+            problems.append(f"{k} provides {exc}")
     if denoiser.latent_channels != codec.latent_channels:
+        concatenated = {key: width for key, width in required.items() if COND_KEYS[key].in_input_channels}
+        taken = "".join(f" minus {COND_KEYS[key].width_attribute} {width}" for key, width in concatenated.items())
         problems.append(
             f"{c} makes {codec.latent_channels}-channel latents but {d} takes {denoiser.latent_channels} "
-            f"latent channels (in_channels {denoiser.in_channels} minus concat_channels {denoiser.concat_channels}); "
-            f"override denoiser.in_channels={codec.latent_channels + denoiser.concat_channels}"
+            f"latent channels (in_channels {denoiser.in_channels}{taken}); "
+            f"override denoiser.in_channels={codec.latent_channels + sum(concatenated.values())}"
         )
     if denoiser.out_channels != codec.latent_channels:
         problems.append(
             f"{d} predicts {denoiser.out_channels} channels but {c} decodes {codec.latent_channels}; "
             f"override denoiser.out_channels={codec.latent_channels}"
         )
-    provided, required = conditioner.outputs, denoiser.required_cond
     for key, width in required.items():
-        parameter = _WIDTH_PARAMETER[key]
+        parameter = COND_KEYS[key].width_attribute
         if key not in provided:
             problems.append(
                 f"{d} needs cond '{key}' ({parameter}={width}) but {k} provides "
                 f"{sorted(provided) or 'nothing'}; choose a conditioner that provides '{key}' or override "
-                f"denoiser.{parameter}={'0' if key == 'concat' else 'null'}"
+                f"denoiser.{parameter}={_unset(key)}"
             )
         elif provided[key] != width:
             problems.append(
@@ -39,10 +50,10 @@ def compatibility_problems(codec: Codec, denoiser: Denoiser, conditioner: Condit
                 f"override denoiser.{parameter}={provided[key]}"
             )
     for key, width in provided.items():
-        if key not in required:
+        if key in COND_KEYS and key not in required:
             problems.append(
                 f"{k} provides '{key}' (width {width}) but {d} does not read '{key}', so the conditioning "
-                f"would be ignored; override denoiser.{_WIDTH_PARAMETER.get(key, key)}={width} or use conditioner=null"
+                f"would be ignored; override denoiser.{COND_KEYS[key].width_attribute}={width} or use conditioner=null"
             )
     return problems
 

@@ -28,13 +28,18 @@ if TYPE_CHECKING:
     from latentgen.pipeline import LatentDiffusionPipeline
 
 
-def optimize_for_inference(pipe: "LatentDiffusionPipeline", channels_last: bool = True,
+def optimize_for_inference(pipe: "LatentDiffusionPipeline", channels_last: bool | None = True,
                            compile: bool = False) -> "LatentDiffusionPipeline":
-    """Apply the speed-ups in place and return `pipe`; `pipe.fast_path` records which are on."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for module in (pipe.denoiser, pipe.codec):
-        module.to(memory_format=memory_format)  # only 4-D parameters (conv weights) change layout
-    if compile:
+    """Apply the speed-ups in place and return `pipe`; `pipe.fast_path` records which are on.
+    `channels_last=None` leaves the weight layout as it is (e.g. as the checkpoint format loaded it)."""
+    record = dict(getattr(pipe, "fast_path", None) or {"channels_last": False, "compile": False})
+    if channels_last is not None:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        for module in (pipe.denoiser, pipe.codec):
+            module.to(memory_format=memory_format)  # only 4-D parameters (conv weights) change layout
+        record["channels_last"] = channels_last
+    if compile and not record["compile"]:
         pipe.denoiser.compile(dynamic=False)
-    pipe.fast_path = {"channels_last": channels_last, "compile": compile}
+        record["compile"] = True
+    pipe.fast_path = record
     return pipe

@@ -1,6 +1,7 @@
 """Component registry over Python entry points: the one way built-ins and plugins are found and built.
 
-Each kind has an entry-point group (`latentgen.codecs`, `latentgen.denoisers`, ...). Discovery reads
+Each kind has an entry-point group (`latentgen.codecs`, `latentgen.denoisers`, ...; the table is
+`latentgen.kinds.KINDS`). Discovery reads
 only distribution metadata; a component's module is imported when that component is built, so a
 broken plugin cannot break the others. Two environment variables restrict what is loaded:
 
@@ -18,20 +19,20 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from latentgen.errors import ComponentConflictError, ComponentNotFoundError, ConfigError, PluginLoadError
+from latentgen.errors import (ComponentConflictError, ComponentNotFoundError, ConfigError, LatentgenError,
+                              PluginLoadError)
+from latentgen.kinds import KINDS
+from latentgen.kinds import kind as _kind
 
 CORE_DISTRIBUTION = "latentgen"
 AUTOLOAD_ENV = "LATENTGEN_DISABLE_PLUGIN_AUTOLOAD"
 BLOCK_ENV = "LATENTGEN_BLOCK_PLUGINS"
 
-# kind -> entry-point group
-GROUPS = {
-    "codec": "latentgen.codecs",
-    "denoiser": "latentgen.denoisers",
-    "conditioner": "latentgen.conditioners",
-    "scheduler": "latentgen.schedulers",
-    "dataset": "latentgen.datasets",
-}
+# kind -> entry-point group, as declared in latentgen.kinds (which the functions below read)
+GROUPS = {kind.name: kind.group for kind in KINDS}
+# Plugin packages of Hydra presets: `<distribution> = "<package with conf/<group>/*.yaml>"`, found without a
+# hydra_plugins module of the plugin's own (latentgen.config.options adds them to Hydra's search path).
+CONFIGS_GROUP = "latentgen.configs"
 
 
 @dataclass
@@ -65,13 +66,11 @@ class Entry:
 
 
 _discovered: dict[str, dict[str, list[Entry]]] = {}
-_runtime: dict[str, dict[str, Entry]] = {kind: {} for kind in GROUPS}
+_runtime: dict[str, dict[str, Entry]] = {}
 
 
 def _check_kind(kind: str) -> str:
-    if kind not in GROUPS:
-        raise ComponentNotFoundError(f"unknown component kind '{kind}'; the kinds are: {', '.join(GROUPS)}")
-    return kind
+    return _kind(kind).name
 
 
 def _blocked_distributions() -> set[str]:
@@ -89,7 +88,7 @@ def _admitted(distribution: str) -> bool:
 def _discover(kind: str) -> dict[str, list[Entry]]:
     if kind not in _discovered:
         found: dict[str, list[Entry]] = {}
-        for ep in importlib.metadata.entry_points(group=GROUPS[kind]):
+        for ep in importlib.metadata.entry_points(group=_kind(kind).group):
             dist = ep.dist.name if ep.dist is not None else "<unknown>"
             version = ep.dist.version if ep.dist is not None else "?"
             if not _admitted(dist):
@@ -99,7 +98,7 @@ def _discover(kind: str) -> dict[str, list[Entry]]:
             # its egg-info); that is one registration, not a conflict.
             if not any(e.distribution == dist and e.target == ep.value for e in entries):
                 entries.append(Entry(kind, ep.name, ep.value, dist, version, entry_point=ep))
-        for name, entry in _runtime[kind].items():
+        for name, entry in _runtime.get(kind, {}).items():
             found.setdefault(name, []).append(entry)
         for name, entries in found.items():
             if len(entries) > 1:
@@ -122,14 +121,14 @@ def refresh() -> None:
 def register(kind: str, name: str, factory: Callable[..., Any], distribution: str = "<runtime>") -> None:
     """Register a component in this process only (notebooks, tests); plugins use entry points."""
     _check_kind(kind)
-    _runtime[kind][name] = Entry(kind, name, f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', factory)}",
+    _runtime.setdefault(kind, {})[name] = Entry(kind, name, f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', factory)}",
                                  distribution, "-", factory=factory)
     _discovered.pop(kind, None)
 
 
 def unregister(kind: str, name: str) -> None:
     """Undo `register`."""
-    _runtime[_check_kind(kind)].pop(name, None)
+    _runtime.get(_check_kind(kind), {}).pop(name, None)
     _discovered.pop(kind, None)
 
 
@@ -158,8 +157,8 @@ def resolve(kind: str, name: str) -> Entry:
         close.sort(key=lambda candidate: sorted(candidate) != sorted(str(name)))
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ComponentNotFoundError(
-            f"unknown {kind} '{name}'.{hint} Available {kind}s: {describe(kind)}. A plugin package "
-            f"registers more under the entry-point group '{GROUPS[kind]}'."
+            f"unknown {kind} '{name}'.{hint} Available {_kind(kind).plural_name}: {describe(kind)}. A plugin package "
+            f"registers more under the entry-point group '{_kind(kind).group}'."
         )
     regs = found[name]
     if len(regs) > 1:
@@ -181,11 +180,21 @@ def build(kind: str, name: str, **params: Any) -> Any:
     try:
         inspect.signature(factory).bind(**params)
     except TypeError as exc:
-        raise ConfigError(f"{kind} '{name}' ({entry.provenance}) cannot take these parameters: {exc}. "
-                          f"It accepts: {_parameters(factory)}") from exc
+        accepted = set(inspect.signature(factory).parameters)
+        unknown = [f"{kind}.{key}" for key in params if key not in accepted]
+        what = f"has no parameter {', '.join(unknown)}" if unknown else f"cannot take these parameters: {exc}"
+        raise ConfigError(f"{kind} '{name}' ({entry.provenance}) {what}; it takes: {_parameters(factory)}") from exc
     except ValueError:  # a builtin without a signature: let the call itself decide
         pass
-    component = factory(**params)
+    try:
+        component = factory(**params)
+    except LatentgenError:
+        raise
+    except (ValueError, TypeError) as exc:  # a refused parameter value: say which component refused it
+        raise ConfigError(f"{kind} '{name}' ({entry.provenance}) refused its parameters: {exc}") from exc
+    except Exception as exc:  # a bug in the component: name it and where it comes from
+        raise PluginLoadError(f"{kind} '{name}' from distribution '{entry.distribution}' ({entry.target}) failed to "
+                              f"build: {type(exc).__name__}: {exc}") from exc
     base = base_class(kind)
     if not isinstance(component, base):
         raise PluginLoadError(
@@ -210,11 +219,15 @@ def _parameters(factory: Callable[..., Any]) -> str:
 
 def base_class(kind: str) -> type:
     """The abstract base class every component of `kind` subclasses."""
-    _check_kind(kind)
-    if kind == "dataset":
-        from torch.utils.data import Dataset
+    return _kind(kind).base_class()
 
-        return Dataset
-    from latentgen import contracts
 
-    return getattr(contracts, kind.capitalize())
+def config_packages() -> list[tuple[str, str]]:
+    """(package, distribution) of every admitted plugin's Hydra presets (entry-point group
+    `latentgen.configs`); imports nothing."""
+    found = []
+    for ep in importlib.metadata.entry_points(group=CONFIGS_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "<unknown>"
+        if _admitted(dist) and (ep.value, dist) not in found:
+            found.append((ep.value, dist))
+    return sorted(found)

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,12 +26,14 @@ log = logging.getLogger("latentgen.train")
 
 @hydra.main(config_path="pkg://latentgen.conf", config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> None:
-    from latentgen.training.resume import requested, resumed_config
-    from latentgen.training.run import run_training
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with reported():
         resume = requested(cfg.get("resume"))
+        if not resume:  # every setting checked before torch is even imported (a resumed run: its stored config)
+            validated_settings(cfg)
+        from latentgen.training.resume import resumed_config
+        from latentgen.training.run import run_training
+
         if resume:
             cfg = resumed_config(run_dir, list(HydraConfig.get().overrides.task), cfg)
         checkpoint = run_training(cfg, run_dir, resume=bool(resume))
@@ -38,17 +41,38 @@ def _train(cfg: DictConfig) -> None:
     log.info("sample grids: %s", run_dir / "samples")
 
 
+def requested(value: Any) -> bool | str:
+    """False, True, or the path a `resume` value names."""
+    if value is None or value is False or str(value).lower() in ("false", "null", "none", "0", ""):
+        return False
+    if value is True or str(value).lower() in ("true", "1", "last"):
+        return True
+    return str(value)
+
+
+def validated_settings(cfg: DictConfig) -> dict:
+    """latentgen-train's own settings of `cfg`, checked (`latentgen.config.settings.TrainRunSettings`)."""
+    import dataclasses
+
+    from latentgen.config.containers import to_plain
+    from latentgen.config.settings import TrainRunSettings
+    from latentgen.config.typed import parse
+
+    own = {field.name for field in dataclasses.fields(TrainRunSettings)}
+    return parse(TrainRunSettings, {key: value for key, value in to_plain(cfg).items() if key in own})
+
+
 def hydra_arguments(args: list[str], environment: dict[str, str]) -> list[str]:
     """The command line plus the Hydra settings that resuming and multi-process runs need: a resumed
     run writes into its own directory and keeps its .hydra/ record; processes other than rank 0 of a
     torchrun job write nothing of Hydra's own."""
-    from latentgen.training.resume import requested, run_to_resume
-
     values = dict(arg.split("=", 1) for arg in args if "=" in arg and not arg.startswith("-"))
     run_dir = values.get("hydra.run.dir")
     resume = requested(values.get("resume"))
     extra: dict[str, str] = {}
     if resume:
+        from latentgen.training.resume import run_to_resume
+
         target = run_to_resume(resume, run_dir)
         if run_dir is None:
             extra["hydra.run.dir"] = str(target)

@@ -7,25 +7,22 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from latentgen.assembly import build_component
 from latentgen.contracts import Conditioner
-
-# Outputs of the same key are joined along this dim (as sgm's GeneralConditioner does): token features
-# side by side, vectors end to end, concat maps as extra channels.
-_JOIN_DIM = {"crossattn": -1, "vector": -1, "concat": 1}
+from latentgen.contracts.cond_keys import COND_KEYS, cond_key
 
 
 class ConditionerStack(Conditioner):
     """A list of conditioner configs ({name, **params}, built through the registry) acting as one.
 
+    Outputs of the same key are joined as the key's row of `latentgen.contracts.cond_keys` says (as sgm's
+    GeneralConditioner does: token features side by side, vectors end to end, maps as extra channels).
     `context_dim`, `vector_dim` and `concat_channels` may declare the joined widths, so that Hydra
     configs can interpolate them like any conditioner's; declared values are checked, never trusted.
     """
 
-    def __init__(self, conditioners: Sequence[Mapping[str, Any]], context_dim: int | None = None,
-                 vector_dim: int | None = None, concat_channels: int | None = None):
+    def __init__(self, conditioners: Sequence[Mapping[str, Any]], **widths: int | None):
         super().__init__()
-        from latentgen.pipeline import build_component  # the pipeline module imports conditioners' kinds
-
         if not conditioners:
             raise ValueError("conditioner 'stack' needs at least one member in `conditioners`")
         self.conditioners = nn.ModuleList(build_component("conditioner", dict(member)) for member in conditioners)
@@ -33,18 +30,24 @@ class ConditionerStack(Conditioner):
         for member in self.conditioners:
             keys += [key for key in member.input_keys if key not in keys]
         self.input_keys = tuple(keys)
-        declared = {"crossattn": context_dim, "vector": vector_dim, "concat": concat_channels}
-        for key, width in declared.items():
-            if width is not None and self.outputs.get(key) != width:
-                raise ValueError(f"conditioner 'stack' declares {key} width {width} but its members give "
-                                 f"{self.outputs.get(key, 'none')}: fix the declaration or the members")
+        attributes = {key.width_attribute: key for key in COND_KEYS.values()}
+        unknown = sorted(set(widths) - set(attributes))
+        if unknown:
+            raise ValueError(f"conditioner 'stack' takes `conditioners` and the joined widths {sorted(attributes)}; "
+                             f"got {unknown}")
+        for attribute, width in widths.items():
+            key = attributes[attribute]
+            if width is not None and self.outputs.get(key.name) != width:
+                raise ValueError(f"conditioner 'stack' declares {key.name} width {width} but its members give "
+                                 f"{self.outputs.get(key.name, 'none')}: fix the declaration or the members")
 
     @property
     def outputs(self) -> dict[str, int]:
         widths: dict[str, int] = {}
         for member in self.conditioners:
             for key, width in member.outputs.items():
-                widths[key] = widths.get(key, 0) + width
+                adds_up = key in COND_KEYS and COND_KEYS[key].joins_widths
+                widths[key] = widths.get(key, 0) + width if adds_up else width
         return widths
 
     def _join(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -53,7 +56,7 @@ class ConditionerStack(Conditioner):
             for key, value in part.items():
                 joined.setdefault(key, []).append(value)
         try:
-            return {key: values[0] if len(values) == 1 else torch.cat(values, dim=_JOIN_DIM[key])
+            return {key: values[0] if len(values) == 1 else torch.cat(values, dim=cond_key(key).join_dim)
                     for key, values in joined.items()}
         except RuntimeError as exc:
             raise ValueError(f"conditioner 'stack': members' outputs cannot be joined ({exc}); e.g. crossattn "
@@ -67,6 +70,9 @@ class ConditionerStack(Conditioner):
 
     def for_training(self, batch, generator=None):
         return self._join([member.for_training(batch, generator) for member in self.conditioners])
+
+    def reader_of(self, input_key: str) -> str:
+        return next((member.name for member in self.conditioners if input_key in member.input_keys), self.name)
 
     def member(self, name: str) -> Conditioner | None:
         """The first member registered as `name`, if any."""

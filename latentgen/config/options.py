@@ -1,10 +1,16 @@
-"""Every registered component becomes an option of its Hydra group, even without a YAML file.
+"""Every registered component becomes an option of its Hydra group, even without a YAML file; every plugin's
+presets join latentgen's groups.
 
 The options are stored in Hydra's ConfigStore from entry-point names alone (no plugin is
 imported). Names that latentgen's own conf/ has a YAML file for are left to that file. Hydra
-searches the ConfigStore last, so a plugin's YAML of the same name (added through a SearchPathPlugin)
-is found first; Hydra then merges it onto our bare `{_target_, kind, name}` node ("automatic schema
-matching"), which changes nothing but prints a deprecation warning, silenced here.
+searches the ConfigStore last, so a plugin's YAML of the same name is found first; Hydra then merges it
+onto our bare `{_target_, kind, name}` node ("automatic schema matching"), which changes nothing but
+prints a deprecation warning, silenced here.
+
+A plugin ships presets in either of two ways: an entry point in the group `latentgen.configs` naming a
+package that holds `<group>/<option>.yaml` files (latentgen's configs put every such package on Hydra's
+search path through the `latentgen_plugin_configs` resolver in their `hydra.searchpath`), or a Hydra
+SearchPathPlugin of its own under `hydra_plugins`.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import warnings
 from importlib import resources
 from typing import Sequence
 
-from latentgen import registry
+from latentgen import kinds, registry
 
 CONFIG_MODULE = "latentgen.conf"
+SEARCHPATH_RESOLVER = "latentgen_plugin_configs"
 
 
 def _selectable(name: str) -> bool:
@@ -30,23 +37,41 @@ def _selectable(name: str) -> bool:
     return False
 
 
+def _shipped(group: str) -> set[str]:
+    folder = resources.files(CONFIG_MODULE).joinpath(group)
+    if not folder.is_dir():
+        return set()
+    return {path.name[: -len(".yaml")] for path in folder.iterdir() if path.name.endswith(".yaml")}
+
+
+def plugin_config_paths() -> list[str]:
+    """`pkg://` search-path entries of every admitted plugin's presets (entry-point group `latentgen.configs`)."""
+    return [f"pkg://{package}" for package, _ in registry.config_packages()]
+
+
 def register_component_options() -> list[tuple[str, str]]:
-    """Store `{_target_: latentgen.registry.build, kind, name}` for every registered component;
-    returns the (group, name) pairs stored."""
+    """Store `{_target_: latentgen.registry.build, kind, name}` for every registered component of a kind with
+    a Hydra group, and register the resolver that puts plugins' presets on the search path; returns the
+    (group, name) pairs stored."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+    if not OmegaConf.has_resolver(SEARCHPATH_RESOLVER):
+        OmegaConf.register_new_resolver(SEARCHPATH_RESOLVER, plugin_config_paths)
     store = ConfigStore.instance()
     stored = []
-    for kind in registry.GROUPS:
-        shipped = {path.name[: -len(".yaml")] for path in resources.files(CONFIG_MODULE).joinpath(kind).iterdir()
-                   if path.name.endswith(".yaml")}
-        for name in registry.available(kind):
+    for kind in kinds.KINDS:
+        if kind.hydra_group is None:
+            continue
+        shipped = _shipped(kind.hydra_group)
+        for name in registry.available(kind.name):
             if name in shipped or not _selectable(name):
                 continue
-            store.store(group=kind, name=name, node={"_target_": "latentgen.registry.build", "kind": kind, "name": name},
-                        provider=f"latentgen.registry:{kind}")
-            stored.append((kind, name))
+            store.store(group=kind.hydra_group, name=name,
+                        node={"_target_": "latentgen.registry.build", "kind": kind.name, "name": name},
+                        provider=f"latentgen.registry:{kind.name}")
+            stored.append((kind.hydra_group, name))
     return stored
 
 
@@ -60,11 +85,12 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
-def group_options(group: str) -> list[str]:
-    """Every option Hydra offers for a config group: YAML presets and registered components."""
+def group_options(group: str, config_name: str = "train") -> list[str]:
+    """Every option Hydra offers for a config group of the app config `config_name`: YAML presets (latentgen's
+    and plugins') and registered components."""
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     register_component_options()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return GlobalHydra.instance().config_loader().get_group_options(group)
+        return GlobalHydra.instance().config_loader().get_group_options(group, config_name=config_name)

@@ -8,16 +8,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-# The keys a conditioner may produce, and the tensor rank each has (batch first).
-COND_KEY_RANKS = {"crossattn": 3, "vector": 2, "concat": 4}
-
 
 class Conditioner(nn.Module, abc.ABC):
     """Turns a batch of raw inputs into conditioning tensors, and provides their unconditional
     counterpart for classifier-free guidance (Ho and Salimans 2022).
 
     A batch is a mapping from input keys ("prompt": list[str], "label": LongTensor (B,),
-    "image": (B, 3, H, W), ...) to values; a conditioner reads the keys in `input_keys`.
+    "image": (B, 3, H, W), ...; `latentgen.contracts.input_keys`) to values; a conditioner reads the
+    keys in `input_keys` and gives keys of `latentgen.contracts.cond_keys`.
     Subclasses set `input_keys`, implement `outputs`, `forward` and `unconditional`;
     `dropout` is the probability, per sample, of training on the unconditional output.
     """
@@ -28,7 +26,8 @@ class Conditioner(nn.Module, abc.ABC):
     @property
     @abc.abstractmethod
     def outputs(self) -> dict[str, int]:
-        """The cond keys produced, each with its width: D for "crossattn" and "vector", channels for "concat"."""
+        """The cond keys produced (`latentgen.contracts.cond_keys`), each with its width: D for "crossattn"
+        and "vector", channels for "concat"."""
 
     @abc.abstractmethod
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -49,6 +48,10 @@ class Conditioner(nn.Module, abc.ABC):
         for tensor in self.buffers():
             return tensor.device
         return torch.device("cpu")
+
+    def reader_of(self, input_key: str) -> str:
+        """The name of the conditioner that reads `input_key` (a stack names its member)."""
+        return self.name
 
     def check_inputs(self, batch: Mapping[str, Any]) -> None:
         """Raise a ValueError naming the conditioner if an input key it reads is missing."""

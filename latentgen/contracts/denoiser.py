@@ -8,6 +8,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from latentgen.contracts.cond_keys import COND_KEYS, declared_width
+
 
 class Denoiser(nn.Module, abc.ABC):
     """A network F(x, t, cond) trained to reverse the noising process in latent space.
@@ -17,9 +19,10 @@ class Denoiser(nn.Module, abc.ABC):
 
     - `in_channels`: channels of x *plus* `concat_channels` (concatenated inside `forward`);
     - `out_channels`: channels of the raw output (the latent channels for eps/v/x0 prediction);
-    - `context_dim`: width D of `cond["crossattn"]` (B, L, D), or None if there is no cross-attention;
-    - `vector_dim`: width of `cond["vector"]` (B, D), or None;
-    - `concat_channels`: channels of `cond["concat"]` (B, C, H, W), 0 if none;
+    - for each conditioning key it reads, that key's width attribute (the table in
+      `latentgen.contracts.cond_keys`): `context_dim` for `cond["crossattn"]` (B, L, D), `vector_dim`
+      for `cond["vector"]` (B, D), `concat_channels` for `cond["concat"]` (B, C, H, W); None (0 for
+      concat) when it does not read the key;
     - `latent_size_multiple`: latent height and width must be multiples of this (UNet levels).
     """
 
@@ -32,8 +35,8 @@ class Denoiser(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Raw network output for x (B, C, h, w) at noise level t (B,), with `cond` keyed by
-        "crossattn" (B, L, D), "vector" (B, D) and/or "concat" (B, C', h, w)."""
+        """Raw network output for x (B, C, h, w) at noise level t (B,), with `cond` holding the keys of
+        `required_cond` (shapes in `latentgen.contracts.cond_keys`)."""
 
     @property
     def name(self) -> str:
@@ -41,17 +44,12 @@ class Denoiser(nn.Module, abc.ABC):
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the noisy latent itself (input channels not taken by concat conditioning)."""
-        return self.in_channels - self.concat_channels
+        """Channels of the noisy latent itself (input channels not taken by concatenated conditioning)."""
+        return self.in_channels - sum(width for key, width in self.required_cond.items()
+                                      if COND_KEYS[key].in_input_channels)
 
     @property
     def required_cond(self) -> dict[str, int]:
-        """The cond keys `forward` needs, each with its width (channels for "concat")."""
-        required = {}
-        if self.context_dim is not None:
-            required["crossattn"] = int(self.context_dim)
-        if self.vector_dim is not None:
-            required["vector"] = int(self.vector_dim)
-        if self.concat_channels:
-            required["concat"] = int(self.concat_channels)
-        return required
+        """The cond keys `forward` needs, each with its declared width (channels for "concat")."""
+        widths = {key.name: declared_width(self, key) for key in COND_KEYS.values()}
+        return {name: width for name, width in widths.items() if width is not None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Callable
 
 import torch
@@ -16,8 +17,10 @@ Callback = Callable[[dict], None]
 class Scheduler(abc.ABC):
     """A sampling algorithm over a descending sigma grid ending in 0.
 
-    `scheduler(denoise, x, sigmas)` checks its inputs and calls `sample`, which subclasses
-    implement. `x` starts as noise * sigmas[0] (or a partly noised image for img2img, which is just
+    `scheduler(denoise, x, sigmas, *, generator=None, callback=None)` is the contract. A subclass
+    implements either `sample(denoise, x, sigmas, generator, callback)`, which the base class's
+    `__call__` calls after checking the grid, or `__call__` itself (k-diffusion's style); both are
+    public API. `x` starts as noise * sigmas[0] (or a partly noised image for img2img, which is just
     a shorter grid). Declared, for users and for the accuracy tests: `stochastic` (whether it
     injects fresh noise) and `order` (its convergence order as an ODE solver; stochastic samplers
     converge weakly and declare the order of their deterministic skeleton).
@@ -26,7 +29,26 @@ class Scheduler(abc.ABC):
     stochastic: bool = False
     order: int = 1
 
-    @abc.abstractmethod
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        own_call = cls.__dict__.get("__call__")
+        if own_call is not None and not getattr(own_call, "_checks_sigmas", False):
+            # A scheduler written in k-diffusion's style gets the grid check the base class's __call__ does.
+            @functools.wraps(own_call)
+            def checked(self, denoise, x, sigmas, *args, **kwargs):
+                self.check_sigmas(sigmas)
+                return own_call(self, denoise, x, sigmas, *args, **kwargs)
+
+            checked._checks_sigmas = True
+            cls.__call__ = checked
+
+    def __new__(cls, *args, **kwargs):
+        if cls.sample is Scheduler.sample and cls.__call__ is Scheduler.__call__:
+            raise TypeError(f"scheduler class {cls.__module__}.{cls.__qualname__} implements neither "
+                            f"sample(denoise, x, sigmas, generator, callback) nor __call__(denoise, x, sigmas, *, "
+                            f"generator=None, callback=None); implement one of them")
+        return super().__new__(cls)
+
     def sample(
         self,
         denoise: DenoiseFn,
@@ -35,7 +57,10 @@ class Scheduler(abc.ABC):
         generator: torch.Generator | None,
         callback: Callback | None,
     ) -> torch.Tensor:
-        """Integrate from sigmas[0] to sigmas[-1] == 0 and return the final sample."""
+        """Integrate from sigmas[0] to sigmas[-1] == 0 and return the final sample (the hook `__call__`
+        calls; a scheduler that implements `__call__` itself need not implement it)."""
+        raise NotImplementedError(f"scheduler '{self.name}' implements __call__, not sample; call it as "
+                                  f"scheduler(denoise, x, sigmas, generator=..., callback=...)")
 
     @property
     def name(self) -> str:

@@ -7,6 +7,7 @@ from typing import Mapping
 import torch
 
 from latentgen.contracts import Denoiser
+from latentgen.contracts.cond_keys import COND_KEYS
 
 
 def _format(shape: tuple) -> str:
@@ -17,7 +18,7 @@ def check_denoiser_inputs(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor |
                           cond: Mapping[str, torch.Tensor], size_reason: str) -> torch.Tensor:
     """Raise ValueError naming the denoiser and the expected shape unless x (B, latent_channels, h, w),
     h and w multiples of `latent_size_multiple` (`size_reason` says why), and every required cond key
-    fit; returns t broadcast to (B,)."""
+    (shapes from `latentgen.contracts.cond_keys`) fit; returns t broadcast to (B,)."""
     latent_channels = denoiser.latent_channels
     if x.ndim != 4 or x.shape[1] != latent_channels:
         raise ValueError(f"{denoiser.name}: expected x of shape (B, {latent_channels}, h, w), got {tuple(x.shape)}")
@@ -26,16 +27,12 @@ def check_denoiser_inputs(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor |
     if height % multiple or width % multiple:
         raise ValueError(f"{denoiser.name}: expected latent height and width that are multiples of {multiple} "
                          f"({size_reason}), got {height}x{width}")
-    expected = {
-        "crossattn": (batch, "L", denoiser.context_dim),
-        "vector": (batch, denoiser.vector_dim),
-        "concat": (batch, denoiser.concat_channels, height, width),
-    }
-    for key in denoiser.required_cond:
+    for key, key_width in denoiser.required_cond.items():
+        shape = COND_KEYS[key].expected_shape(batch, key_width, (height, width))
         if key not in cond:
-            raise ValueError(f"{denoiser.name}: cond[{key!r}] of shape {_format(expected[key])} is required, "
+            raise ValueError(f"{denoiser.name}: cond[{key!r}] of shape {_format(shape)} is required, "
                              f"got keys {sorted(cond)}")
-        value, shape = cond[key], expected[key]
+        value = cond[key]
         matches = value.ndim == len(shape) and all(want == "L" or got == want for got, want in zip(value.shape, shape))
         if not matches:
             raise ValueError(f"{denoiser.name}: expected cond[{key!r}] of shape {_format(shape)}, "

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentgen.contracts import Denoiser
-from latentgen.nn.attention import SpatialTransformer
 from latentgen.denoisers.inputs import check_denoiser_inputs
+from latentgen.nn.attention import SpatialTransformer
 from latentgen.nn.normalization import GroupNorm32
 from latentgen.nn.timestep_embedding import timestep_embedding
 
@@ -98,13 +98,13 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-def _per_level(value: int | Sequence[int], levels: int, what: str) -> list[int]:
-    if isinstance(value, int):
-        return [value] * levels
-    value = [int(v) for v in value]
-    if len(value) != levels:
-        raise ValueError(f"unet: {what} must be an int or one value per level ({levels}), got {value}")
-    return value
+def _per_level(value: int | Sequence[int], levels: int, what: str, minimum: int = 0) -> list[int]:
+    values = [value] * levels if isinstance(value, int) else [int(v) for v in value]
+    if len(values) != levels:
+        raise ValueError(f"unet: {what} must be an int or one value per level ({levels}), got {values}")
+    if any(v < minimum for v in values):
+        raise ValueError(f"unet: {what} must be at least {minimum} at every level; got {value}")
+    return values
 
 
 class UNet(Denoiser):
@@ -143,6 +143,12 @@ class UNet(Denoiser):
         legacy: bool = False,
     ) -> None:
         super().__init__()
+        _check_sizes(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+                     context_dim=context_dim, vector_dim=vector_dim, norm_groups=norm_groups)
+        if not channel_mult or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in channel_mult):
+            raise ValueError(f"unet: channel_mult must be a non-empty list of positive integers; got {list(channel_mult)}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"unet: dropout must be in [0, 1); got {dropout}")
         if (num_heads == -1) == (num_head_channels == -1):
             raise ValueError(
                 f"unet: set exactly one of num_heads and num_head_channels, got num_heads={num_heads}, "
@@ -153,7 +159,7 @@ class UNet(Denoiser):
                 f"unet: concat_channels must be in [0, in_channels={in_channels}), got {concat_channels}"
             )
         levels = len(channel_mult)
-        res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
+        res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks", minimum=1)
         depths = _per_level(transformer_depth, levels, "transformer_depth")
         if num_attention_blocks is not None:
             num_attention_blocks = _per_level(num_attention_blocks, levels, "num_attention_blocks")
@@ -283,3 +289,12 @@ class UNet(Denoiser):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)
+
+
+def _check_sizes(**sizes: int | None) -> None:
+    """Refuse a size that is not a positive integer (None allowed for the optional widths)."""
+    for name, value in sizes.items():
+        if value is None and name in ("context_dim", "vector_dim"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"unet: {name} must be a positive integer; got {value!r}")

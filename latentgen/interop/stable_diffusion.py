@@ -2,10 +2,12 @@
 
 The original layout puts the UNet under `model.diffusion_model.`, the KL autoencoder under
 `first_stage_model.` and the text tower under `cond_stage_model.` (CLIP ViT-L/14 as
-`cond_stage_model.transformer.[text_model.]*` for v1, OpenCLIP ViT-H/14 as `cond_stage_model.model.*`
+`cond_stage_model.transformer.text_model.*` for v1, OpenCLIP ViT-H/14 as `cond_stage_model.model.*`
 for v2); EMA weights, when kept, sit under `model_ema.` with the dots of their names removed. The
-native `unet`, `kl` and `clip_text` components use exactly these parameter names, so loading is a
-prefix mapping, checked key by key and shape by shape before any weight is read.
+native `unet`, `kl` and `clip_text` components use the same parameter names below those prefixes, so
+the mapping is a table of prefixes (`ORIGINAL_LAYOUT`), checked key by key and shape by shape before
+any weight is read. The registered format `stable_diffusion` (latentgen.formats.stable_diffusion)
+reads and writes through here.
 
     from latentgen.interop.stable_diffusion import load_pipeline
     pipe = load_pipeline("v1-5.safetensors", dtype=torch.bfloat16)
@@ -13,34 +15,79 @@ prefix mapping, checked key by key and shape by shape before any weight is read.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from latentgen.checkpoint import mismatch_report, save_tensors
+from latentgen.assembly import build_component
+from latentgen.checkpoint import CONFIG_KEY, mismatch_report, safetensors_keys, safetensors_metadata, save_tensors
 from latentgen.errors import CheckpointError, ConfigError
 from latentgen.fast_path import optimize_for_inference
 from latentgen.interop.original_config import pipeline_config, read_original_config, standard_config
 from latentgen.interop.weights_file import WeightsFile
-from latentgen.pipeline import LatentDiffusionPipeline, build_component
+from latentgen.kinds import module_parts
+from latentgen.pipeline import LatentDiffusionPipeline
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 TEXT = "cond_stage_model."
 EMA = "model_ema."
-# Newer tools write the v1 text tower with transformers' `text_model.` level; both load.
-HF_TEXT_MODEL = "cond_stage_model.transformer.text_model."
-HF_TEXT = "cond_stage_model.transformer."
+# latentgen's pipeline config, in the metadata of the files it writes: other tools ignore it, and reading
+# the file back needs no inference YAML even for a non-standard architecture.
+PIPELINE_CONFIG_KEY = "latentgen.pipeline_config"
 # Never part of the model: the training loss (LPIPS, discriminator) and the HF position_ids buffer.
 _SKIPPED = ("first_stage_model.loss.",)
 _POSITION_IDS = ("embeddings.position_ids",)
 
-_FAMILY_MARKERS = {
-    "v1": "cond_stage_model.transformer.embeddings.token_embedding.weight",
+
+@dataclass(frozen=True)
+class KeyMap:
+    """Where a pipeline's weights (`<part>.<parameter>`) live in a foreign file, as data.
+
+    `rules` map pipeline prefixes to file prefixes (the longest matching pipeline prefix wins); `aliases`
+    map a file prefix some tools write to the one the rules use, so both read the same.
+    """
+
+    rules: tuple[tuple[str, str], ...]
+    aliases: tuple[tuple[str, str], ...] = ()
+
+    def file_key(self, pipeline_key: str) -> str | None:
+        matches = [(ours, theirs) for ours, theirs in self.rules if pipeline_key.startswith(ours)]
+        if not matches:
+            return None
+        ours, theirs = max(matches, key=lambda rule: len(rule[0]))
+        return theirs + pipeline_key[len(ours):]
+
+    def canonical(self, file_key: str) -> str:
+        for written, meant in self.aliases:
+            if file_key.startswith(written) and not file_key.startswith(meant):
+                return meant + file_key[len(written):]
+        return file_key
+
+
+ORIGINAL_LAYOUT = KeyMap(
+    rules=(
+        ("denoiser.", UNET),
+        ("codec.", VAE),
+        ("conditioner.transformer.", "cond_stage_model.transformer.text_model."),  # CLIP (v1), as released
+        ("conditioner.model.", "cond_stage_model.model."),                         # OpenCLIP (v2)
+        # The text tower of an inpainting model, the first member of its stack (text + masked image).
+        ("conditioner.conditioners.0.transformer.", "cond_stage_model.transformer.text_model."),
+        ("conditioner.conditioners.0.model.", "cond_stage_model.model."),
+    ),
+    # Some tools write the v1 text tower without transformers' `text_model.` level; both read the same.
+    aliases=(("cond_stage_model.transformer.", "cond_stage_model.transformer.text_model."),),
+)
+# A key only each family's text tower has (in the rules' layout).
+FAMILY_MARKERS = {
+    "v1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
     "v2": "cond_stage_model.model.token_embedding.weight",
 }
+# What the original file holds besides the text tower: the LDM UNet and the KL autoencoder.
+STRUCTURE_MARKERS = {"denoiser": UNET + "input_blocks.0.0.weight", "codec": VAE + "decoder.conv_out.weight"}
 
 
 @dataclass
@@ -53,37 +100,27 @@ class SourceFile:
     passthrough: list[str] = field(default_factory=list)  # keys not loaded into a module
 
 
-def _normalized(key: str) -> str:
-    return HF_TEXT + key[len(HF_TEXT_MODEL):] if key.startswith(HF_TEXT_MODEL) else key
-
-
 def is_original_checkpoint(path: str | Path) -> bool:
-    """A .ckpt, or a .safetensors without latentgen metadata whose keys use the original layout."""
-    from latentgen.checkpoint import CONFIG_KEY, read_header
-
+    """A .ckpt (the original training code's pickle, whose keys need unpickling to read), or a .safetensors
+    without latentgen metadata that holds an LDM-era text tower (`cond_stage_model.*`; SDXL's sgm layout has
+    `conditioner.embedders.*` instead). Reads the header only."""
     path = Path(path)
     if path.suffix == ".ckpt":
-        return path.exists()
-    if not path.is_file() or path.stat().st_size < 8:
-        return False
-    try:
-        header = read_header(path)
-    except CheckpointError:
-        return False  # let the latentgen reader explain what is wrong with the file
-    if CONFIG_KEY in (header.get("__metadata__") or {}):
-        return False
-    return any(key.startswith((UNET, VAE, TEXT)) for key in header)
+        return path.is_file()
+    metadata = safetensors_metadata(path)
+    return (metadata is not None and CONFIG_KEY not in metadata
+            and any(key.startswith(TEXT) for key in safetensors_keys(path)))
 
 
 def infer_family(weights: WeightsFile) -> str:
     """"v1" or "v2" from the text tower's keys; a clear error for anything else."""
-    keys = {_normalized(key) for key in weights.keys()}
-    found = [family for family, marker in _FAMILY_MARKERS.items() if marker in keys]
+    keys = {ORIGINAL_LAYOUT.canonical(key) for key in weights.keys()}
+    found = [family for family, marker in FAMILY_MARKERS.items() if marker in keys]
     if len(found) != 1 or not any(key.startswith(UNET) for key in keys):
         sample = sorted(weights.keys())[:5]
         raise CheckpointError(
             f"'{weights.path}' is not a Stable Diffusion v1 or v2 checkpoint: expected '{UNET}*' weights and a text "
-            f"tower ('{_FAMILY_MARKERS['v1']}' for v1, '{_FAMILY_MARKERS['v2']}' for v2); first keys: {sample}. For "
+            f"tower ('{FAMILY_MARKERS['v1']}' for v1, '{FAMILY_MARKERS['v2']}' for v2); first keys: {sample}. For "
             f"another architecture pass original_config=<its inference YAML>"
         )
     return found[0]
@@ -92,19 +129,6 @@ def infer_family(weights: WeightsFile) -> str:
 def _ema_key(unet_key: str) -> str:
     """The key LitEma stores an UNet parameter under: dots removed from `diffusion_model.<name>`."""
     return EMA + ("diffusion_model." + unet_key[len(UNET):]).replace(".", "")
-
-
-def _mapped_modules(codec, denoiser, conditioner) -> list[tuple[str, torch.nn.Module, str]]:
-    """(kind, module, key prefix in the file) for the three parts of the original layout; the text
-    tower may sit inside a stack (inpainting models: text + masked image)."""
-    text = conditioner.member("clip_text") if getattr(conditioner, "registry_name", None) == "stack" else conditioner
-    names = (getattr(codec, "registry_name", None), getattr(denoiser, "registry_name", None),
-             getattr(text, "registry_name", None))
-    if names != ("kl", "unet", "clip_text"):
-        raise ConfigError(f"the original layout holds a 'kl' codec, a 'unet' denoiser and a 'clip_text' text tower; "
-                          f"this pipeline has codec {names[0]!r}, denoiser {names[1]!r}, conditioner "
-                          f"{getattr(conditioner, 'registry_name', None)!r}. Save it with pipe.save() instead")
-    return [("denoiser", denoiser, UNET), ("codec", codec, VAE), ("conditioner", text, TEXT)]
 
 
 def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | Path | Mapping[str, Any] | None = None,
@@ -124,35 +148,24 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
     """
     weights = WeightsFile(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     checkpoint = weights.path
-    if original_config is None:
-        original = standard_config(infer_family(weights))
-        unet_params = original["model"]["params"]["unet_config"]["params"]
-        in_key = UNET + "input_blocks.0.0.weight"
-        if in_key in weights and weights.shape(in_key)[1] != unet_params["in_channels"]:
-            # An inpainting checkpoint: mask and masked-image latents are concatenated to the input.
-            unet_params["in_channels"] = weights.shape(in_key)[1]
-            original["model"]["params"]["conditioning_key"] = "hybrid"
-    else:
-        original = read_original_config(original_config)
-    config = pipeline_config(original, prediction_type)
+    config = _pipeline_config(weights, original_config, prediction_type)
     dtype = dtype or torch.float32
 
     # Build on the meta device: no memory and no random init for weights about to be replaced.
     with torch.device("meta"):
-        modules = {kind: build_component(kind, config[kind]) for kind in ("codec", "denoiser", "conditioner")}
+        modules = {kind: build_component(kind, config[kind]) for kind in module_parts()}
     source = SourceFile(Path(checkpoint))
-    keys = {_normalized(key): key for key in weights.keys()}
+    keys = {ORIGINAL_LAYOUT.canonical(key): key for key in weights.keys()}  # the rules' layout -> key in the file
     has_ema = any(key.startswith(EMA) for key in keys)
     use_ema = has_ema if use_ema is None else use_ema
     if use_ema and not has_ema:
         raise CheckpointError(f"use_ema=True but '{checkpoint}' has no '{EMA}*' weights")
 
     shadowed = set()  # non-EMA UNet weights replaced by their EMA: passed through, not unexpected
-    for kind, module, prefix in _mapped_modules(modules["codec"], modules["denoiser"], modules["conditioner"]):
-        wanted = module.state_dict()
+    for kind, module in modules.items():
         located, missing, mismatched = {}, [], []
-        for name, expected in wanted.items():
-            key = prefix + name
+        for name, expected in module.state_dict().items():
+            key = _file_key(kind, name, module)
             if kind == "denoiser" and use_ema and _ema_key(key) in keys:
                 shadowed.add(keys.get(key, key))
                 key = _ema_key(key)
@@ -172,7 +185,7 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
 
     used = set(source.origin.values())
     unexpected = [key for key in weights.keys()
-                  if key not in used and key not in shadowed and _normalized(key).startswith((UNET, VAE, TEXT))
+                  if key not in used and key not in shadowed and key.startswith((UNET, VAE, TEXT))
                   and not key.startswith(_SKIPPED) and not key.endswith(_POSITION_IDS)]
     if unexpected:
         raise CheckpointError(
@@ -190,24 +203,86 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
     return optimize_for_inference(pipe.eval(), channels_last=channels_last, compile=compile)
 
 
+def _pipeline_config(weights: WeightsFile, given: str | Path | Mapping[str, Any] | None,
+                     prediction_type: str | None) -> dict:
+    """latentgen's config for the file: from the inference YAML given, else the one latentgen recorded when
+    it wrote the file, else the standard config of the family its keys show."""
+    embedded = getattr(weights, "metadata", {}).get(PIPELINE_CONFIG_KEY)
+    if given is None and embedded is not None:
+        try:
+            config = json.loads(embedded)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"'{weights.path}' has corrupt {PIPELINE_CONFIG_KEY} metadata ({exc}); pass "
+                                  f"original_config=<its inference YAML>") from exc
+        if prediction_type is not None:
+            config["diffusion"]["prediction_type"] = prediction_type
+        return config
+    return pipeline_config(_original_config(weights, given), prediction_type)
+
+
+def _original_config(weights: WeightsFile, given: str | Path | Mapping[str, Any] | None) -> dict:
+    """The inference config given, or the standard one of the family the keys show."""
+    if given is not None:
+        return read_original_config(given)
+    original = standard_config(infer_family(weights))
+    unet_params = original["model"]["params"]["unet_config"]["params"]
+    in_key = UNET + "input_blocks.0.0.weight"
+    if in_key in weights and weights.shape(in_key)[1] != unet_params["in_channels"]:
+        # An inpainting checkpoint: mask and masked-image latents are concatenated to the input.
+        unet_params["in_channels"] = weights.shape(in_key)[1]
+        original["model"]["params"]["conditioning_key"] = "hybrid"
+    return original
+
+
+def _file_key(kind: str, name: str, module: torch.nn.Module) -> str:
+    """The key of a module weight in the original layout; a ConfigError for a weight it has no place for."""
+    key = ORIGINAL_LAYOUT.file_key(f"{kind}.{name}")
+    if key is None:
+        raise ConfigError(f"the original Stable Diffusion layout has no place for the {kind} weight '{name}' of "
+                          f"{kind} '{getattr(module, 'name', type(module).__name__)}' (it holds the LDM UNet, the KL "
+                          f"autoencoder and a CLIP or OpenCLIP text tower); save this pipeline with format='latentgen'")
+    return key
+
+
 def save_original(pipe: LatentDiffusionPipeline, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write the pipeline in the original single-file layout (safetensors), atomically.
 
     Weights go back under the keys they were loaded from (EMA ones too), and the file's other
     tensors (noise-schedule buffers, unused EMA or non-EMA copies, loss weights) pass through
     unchanged: loading and saving an unmodified checkpoint gives the same tensors bit for bit. A
-    pipeline that was not loaded from such a file is written as its model weights alone.
+    pipeline that was not loaded from such a file is written as its model weights alone, in the
+    released layout. A pipeline whose parts do not have the original architecture is refused by name.
+    latentgen's config goes into the file's metadata, so that the file loads back without an inference
+    YAML whatever its architecture (other tools ignore it).
     """
     source: SourceFile | None = getattr(pipe, "source", None)
     origin = source.origin if source is not None else {}
     tensors: dict[str, torch.Tensor] = {}
-    for kind, module, prefix in _mapped_modules(pipe.codec, pipe.denoiser, pipe.conditioner):
+    placed = set()  # every weight's key in the rules' layout (whatever key it came from)
+    for kind in module_parts():
+        module = getattr(pipe, kind)
         for name, value in module.state_dict().items():
             value = value.to(dtype) if dtype is not None and value.is_floating_point() else value
-            tensors[origin.get(f"{kind}.{name}", prefix + name)] = value
+            placed.add(_file_key(kind, name, module))
+            tensors[origin.get(f"{kind}.{name}") or _file_key(kind, name, module)] = value
+    _check_structure(pipe, placed)
     if source is not None and source.passthrough:
         original = WeightsFile(source.path)
         for key in source.passthrough:
             if key not in tensors:
                 tensors[key] = original.tensor(key)
-    return save_tensors(path, tensors, {})
+    return save_tensors(path, tensors, {PIPELINE_CONFIG_KEY: pipe.config})
+
+
+def _check_structure(pipe: LatentDiffusionPipeline, keys: set[str]) -> None:
+    """Refuse to write a file the original layout's readers could not load: the LDM UNet, the KL
+    autoencoder and a CLIP or OpenCLIP text tower must all be there."""
+    for kind, marker in STRUCTURE_MARKERS.items():
+        if marker not in keys:
+            raise ConfigError(f"the original Stable Diffusion layout holds the LDM UNet and KL autoencoder, but this "
+                              f"pipeline's {kind} '{getattr(pipe, kind).name}' has no weight for '{marker}'; save it "
+                              f"with format='latentgen' instead")
+    if not any(marker in keys for marker in FAMILY_MARKERS.values()):
+        raise ConfigError(f"the original Stable Diffusion layout holds a CLIP (v1) or OpenCLIP (v2) text tower, but "
+                          f"this pipeline's conditioner '{pipe.conditioner.name}' has none; save it with "
+                          f"format='latentgen' instead")

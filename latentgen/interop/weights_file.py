@@ -38,8 +38,10 @@ class WeightsFile:
             raise CheckpointError(f"checkpoint '{self.path}' does not exist; check the path")
         self._ranges: dict[str, tuple[int, int]] | None = None  # safetensors: key -> absolute byte range
         self._state: dict[str, torch.Tensor] | None = None
+        self.metadata: dict[str, str] = {}  # a safetensors file's string metadata
         if self._is_safetensors():
             header = read_header(self.path)  # names truncation and corruption precisely
+            self.metadata = dict(header.get("__metadata__") or {})
             entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
             unknown = sorted({entry["dtype"] for entry in entries.values()} - set(_SAFETENSORS_DTYPES))
             if unknown:

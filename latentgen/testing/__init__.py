@@ -12,9 +12,10 @@ from latentgen.testing.analytic import GaussianMixture, empirical_order
 from latentgen.testing.codec_contract import check_codec
 from latentgen.testing.conditioner_contract import check_conditioner
 from latentgen.testing.denoiser_contract import check_denoiser
+from latentgen.testing.format_contract import check_format
 from latentgen.testing.scheduler_contract import check_scheduler
 from latentgen.testing.shared_rules import HYDRA_RULE, REGISTRY_RULE, STATE_DICT_RULE
 from latentgen.testing.weights import fill_zero_parameters
 
 __all__ = ["HYDRA_RULE", "REGISTRY_RULE", "STATE_DICT_RULE", "GaussianMixture", "check_codec", "check_conditioner",
-           "check_denoiser", "check_scheduler", "empirical_order", "fill_zero_parameters"]
+           "check_denoiser", "check_format", "check_scheduler", "empirical_order", "fill_zero_parameters"]

@@ -8,7 +8,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from latentgen.contracts import Conditioner
-from latentgen.contracts.conditioner import COND_KEY_RANKS
+from latentgen.contracts.cond_keys import COND_KEYS
+from latentgen.contracts.input_keys import INPUT_KEYS
 from latentgen.testing.shared_rules import Subject, check_rebuilds, close, describe_difference, same
 
 BFLOAT16_RELATIVE_ERROR = 0.1
@@ -20,25 +21,28 @@ def _latent_channels(conditioner: Conditioner) -> int:
     return int(getattr(conditioner, "latent_channels", 4))
 
 
-# Two different values for each input key latentgen's pipeline and datasets fill (batch of 2).
-EXAMPLE_INPUTS: dict[str, Callable[[Conditioner, torch.Generator], Any]] = {
-    "prompt": lambda conditioner, g: ["a red circle", "a blue star on grass"],
+# Two different values of each kind of input (`latentgen.contracts.input_keys.VALUES`), batch of 2.
+EXAMPLE_VALUES: dict[str, Callable[[Conditioner, torch.Generator], Any]] = {
+    "text": lambda conditioner, g: ["a red circle", "a blue star on grass"],
     "label": lambda conditioner, g: torch.tensor([0, 1]),
     "image": lambda conditioner, g: torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1,
     "mask": lambda conditioner, g: (torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g) > 0.5).float(),
-    "masked_image_latents": lambda conditioner, g: torch.randn(2, _latent_channels(conditioner), IMAGE_SIZE // 8,
-                                                               IMAGE_SIZE // 8, generator=g),
+    "latents": lambda conditioner, g: torch.randn(2, _latent_channels(conditioner), IMAGE_SIZE // 8,
+                                                  IMAGE_SIZE // 8, generator=g),
+    "size": lambda conditioner, g: (IMAGE_SIZE // 8, IMAGE_SIZE // 8),
 }
 
 
 def example_batch(conditioner: Conditioner, seed: int = 0) -> dict[str, Any]:
-    """A batch of 2 different samples for every input key the conditioner reads (see EXAMPLE_INPUTS)."""
+    """A batch of 2 different samples for every input key the conditioner reads, by what the key holds
+    (the table `latentgen.contracts.input_keys`)."""
     generator = torch.Generator().manual_seed(seed)
-    unknown = [key for key in conditioner.input_keys if key not in EXAMPLE_INPUTS]
+    unknown = [key for key in conditioner.input_keys if key not in INPUT_KEYS]
     if unknown:
-        raise AssertionError(f"conditioner '{conditioner.name}' reads {unknown}, for which latentgen.testing has no "
-                             f"example values; pass batch={{...}} to check_conditioner")
-    return {key: EXAMPLE_INPUTS[key](conditioner, generator) for key in conditioner.input_keys}
+        raise AssertionError(f"conditioner '{conditioner.name}' reads {unknown}, which latentgen.contracts.input_keys "
+                             f"does not list, so latentgen.testing has no example values; pass batch={{...}} to "
+                             f"check_conditioner")
+    return {key: EXAMPLE_VALUES[INPUT_KEYS[key].value](conditioner, generator) for key in conditioner.input_keys}
 
 
 def _to(batch: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
@@ -50,17 +54,13 @@ def _declared(conditioner: Conditioner) -> tuple:
     return tuple(conditioner.input_keys), dict(conditioner.outputs)
 
 
-def _width_dim(key: str) -> int:
-    return 1 if key == "concat" else -1
-
-
 def check_conditioner(conditioner: Conditioner | Callable[[], Conditioner],
                       batch: Mapping[str, Any] | None = None) -> list[str]:
     """Raise AssertionError, naming the conditioner and the broken rule, unless it:
 
-    declares `input_keys` (a tuple of str), `outputs` ({"crossattn" | "vector" | "concat": positive width})
-    and a `dropout` in [0, 1]; returns from `forward` and `unconditional` exactly the declared keys, each
-    (B, L, D) / (B, D) / (B, C, h, w) with the declared width, finite, in float32 and bfloat16 (close to
+    declares `input_keys` (a tuple of str), `outputs` ({key of latentgen.contracts.cond_keys: positive width})
+    and a `dropout` in [0, 1]; returns from `forward` and `unconditional` exactly the declared keys, each of
+    its key's rank with the declared width (e.g. "crossattn" (B, L, D)), finite, in float32 and bfloat16 (close to
     float32); gives different conditioning for different samples; is deterministic, and `for_training`
     reproducible with a seeded generator whatever the global RNG; refuses a batch missing one of its
     input keys with a ValueError naming that key; survives a safetensors state-dict round trip and, if built
@@ -78,8 +78,8 @@ def check_conditioner(conditioner: Conditioner | Callable[[], Conditioner],
     subject.require(isinstance(keys, tuple) and all(isinstance(key, str) for key in keys), rule,
                     f"`input_keys` must be a tuple of str; got {keys!r}")
     outputs = subject.run(rule, lambda: first.outputs)
-    subject.require(isinstance(outputs, dict) and set(outputs) <= set(COND_KEY_RANKS), rule,
-                    f"`outputs` must be a dict keyed by some of {sorted(COND_KEY_RANKS)}; got {outputs!r}")
+    subject.require(isinstance(outputs, dict) and set(outputs) <= set(COND_KEYS), rule,
+                    f"`outputs` must be a dict keyed by some of {sorted(COND_KEYS)}; got {outputs!r}")
     subject.require(all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in outputs.values()), rule,
                     f"`outputs` widths must be positive ints; got {outputs!r}")
     subject.require(isinstance(first.dropout, (int, float)) and 0 <= first.dropout <= 1, rule,
@@ -98,10 +98,11 @@ def check_conditioner(conditioner: Conditioner | Callable[[], Conditioner],
                         lambda: f"{call} returns keys {sorted(cond) if isinstance(cond, dict) else type(cond).__name__}, "
                                 f"declared outputs {sorted(outputs)}")
         for key, value in cond.items():
-            subject.require(torch.is_tensor(value) and value.ndim == COND_KEY_RANKS[key] and value.shape[0] == batch_size
-                            and value.shape[_width_dim(key)] == outputs[key], rule,
-                            lambda: f"{call}['{key}'] has shape {tuple(value.shape)}; expected rank "
-                                    f"{COND_KEY_RANKS[key]}, batch {batch_size} and width {outputs[key]}")
+            spec = COND_KEYS[key]
+            subject.require(torch.is_tensor(value) and value.ndim == spec.rank and value.shape[0] == batch_size
+                            and value.shape[spec.width_dim] == outputs[key], rule,
+                            lambda: f"{call}['{key}'] has shape {tuple(value.shape)}; expected {spec.described()} "
+                                    f"with batch {batch_size} and width {outputs[key]}")
             subject.require(value.dtype == dtype, f"dtype {str(dtype).replace('torch.', '')}",
                             f"{call}['{key}'] is {value.dtype}")
             subject.require(bool(torch.isfinite(value).all()), rule, f"{call}['{key}'] is not finite")

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from latentgen.contracts import Denoiser
+from latentgen.contracts.cond_keys import COND_KEYS
 from latentgen.testing.shared_rules import Subject, check_rebuilds, close, describe_difference, same
 from latentgen.testing.weights import fill_zero_parameters
 
@@ -18,21 +19,20 @@ CONTEXT_TOKENS = 5  # a token count no denoiser should assume
 
 def example_inputs(denoiser: Denoiser, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """x (batch, latent_channels, h, w) with h = w the smallest multiple of `latent_size_multiple` >= 4,
-    timesteps spread over 0..999, and random tensors for every cond key the denoiser declares."""
+    timesteps spread over 0..999, and random tensors for every cond key the denoiser declares (shapes from
+    `latentgen.contracts.cond_keys`)."""
     generator = torch.Generator().manual_seed(seed)
     multiple = int(denoiser.latent_size_multiple)
     size = multiple * max(1, math.ceil(4 / multiple))
     x = torch.randn(batch, denoiser.latent_channels, size, size, generator=generator)
     t = torch.linspace(10.0, 900.0, batch)
-    shapes = {"crossattn": (batch, CONTEXT_TOKENS, denoiser.context_dim), "vector": (batch, denoiser.vector_dim),
-              "concat": (batch, denoiser.concat_channels, size, size)}
-    cond = {key: torch.randn(shapes[key], generator=generator) for key in denoiser.required_cond}
+    cond = {key: torch.randn(COND_KEYS[key].example_shape(batch, width, (size, size), CONTEXT_TOKENS), generator=generator)
+            for key, width in denoiser.required_cond.items()}
     return x, t, cond
 
 
 def _declared(denoiser: Denoiser) -> tuple:
-    return (denoiser.in_channels, denoiser.out_channels, denoiser.context_dim, denoiser.vector_dim,
-            denoiser.concat_channels, denoiser.latent_size_multiple)
+    return denoiser.in_channels, denoiser.out_channels, denoiser.required_cond, denoiser.latent_size_multiple
 
 
 def _positive_int(value) -> bool:
@@ -42,8 +42,9 @@ def _positive_int(value) -> bool:
 def check_denoiser(denoiser: Denoiser | Callable[[], Denoiser]) -> list[str]:
     """Raise AssertionError, naming the denoiser and the broken rule, unless it:
 
-    declares positive `in_channels` and `out_channels`, `context_dim` / `vector_dim` as None or positive,
-    0 <= `concat_channels` < `in_channels` and a positive `latent_size_multiple`; maps x (B, C, h, w), t (B,)
+    declares positive `in_channels` and `out_channels`, each conditioning key's width attribute
+    (`context_dim`, `vector_dim`, `concat_channels`, ...: latentgen.contracts.cond_keys) as "not read" or a
+    positive int, fewer concatenated channels than `in_channels`, and a positive `latent_size_multiple`; maps x (B, C, h, w), t (B,)
     and the declared cond keys to (B, out_channels, h, w) in float32 and bfloat16 (close to float32);
     depends on x, t and every declared cond key (after `fill_zero_parameters`, which undoes zero-initialized
     output layers), and on no other sample of the batch; is deterministic; refuses a missing cond key and
@@ -61,13 +62,13 @@ def check_denoiser(denoiser: Denoiser | Callable[[], Denoiser]) -> list[str]:
     for attribute in ("in_channels", "out_channels", "latent_size_multiple"):
         value = getattr(first, attribute, None)
         subject.require(_positive_int(value), rule, f"`{attribute}` must be a positive int; got {value!r}")
-    for attribute in ("context_dim", "vector_dim"):
-        value = getattr(first, attribute)
-        subject.require(value is None or _positive_int(value), rule,
-                        f"`{attribute}` must be None or a positive int; got {value!r}")
-    concat = first.concat_channels
-    subject.require(isinstance(concat, int) and 0 <= concat < first.in_channels, rule,
-                    f"`concat_channels` must be an int in [0, in_channels={first.in_channels}); got {concat!r}")
+    for key in COND_KEYS.values():
+        value = getattr(first, key.width_attribute, key.off)
+        subject.require(value == key.off or _positive_int(value), rule,
+                        f"`{key.width_attribute}` must be {key.off!r} (not reading '{key.name}') or a positive int; "
+                        f"got {value!r}")
+    subject.require(first.latent_channels > 0, rule,
+                    f"concatenated conditioning takes all {first.in_channels} input channels; none is left for x")
     checked.append(rule)
 
     x, t, cond = example_inputs(first)

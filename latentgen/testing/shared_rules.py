@@ -145,22 +145,14 @@ def hydra_option(kind: str, name: str) -> str | None:
     """The option of Hydra group `kind` that selects the registered component `name`: the option of that
     name, or else (for names Hydra cannot take as options, such as `null`) a YAML option naming it."""
     if (kind, name) not in _OPTIONS:
-        from hydra import initialize_config_module
-        from hydra.core.global_hydra import GlobalHydra
-
-        from latentgen.config import CONFIG_MODULE, group_options
+        from latentgen.config import compose, group_options
 
         options = group_options(kind)
         found = name if name in options else None
-        if found is None:
-            with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-                sources = GlobalHydra.instance().config_loader().get_sources()
-                for option in options:
-                    path = f"{kind}/{option}"
-                    source = next((s for s in sources if s.is_config(path)), None)  # the first in search order wins
-                    if source is not None and source.load_config(path).config.get("name") == name:
-                        found = option
-                        break
+        for option in options if found is None else ():
+            if compose("train", [f"{kind}={option}"])[kind].get("name") == name:  # what the search order gives
+                found = option
+                break
         _OPTIONS[(kind, name)] = found
     return _OPTIONS[(kind, name)]
 

@@ -107,7 +107,7 @@ class LatentCache:
 
 def cache_fingerprint(codec, dataset_config: Mapping[str, Any], keep: tuple[str, ...]) -> dict[str, Any]:
     """What the cached latents depend on, JSON-able."""
-    from latentgen.pipeline import component_config
+    from latentgen.assembly import component_config
 
     return {"version": 1, "codec_weights": weights_hash(codec), "codec": component_config("codec", codec),
             "scale_factor": float(codec.scale_factor), "dataset": json.loads(json.dumps(dataset_config, default=str)),

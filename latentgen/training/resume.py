@@ -13,20 +13,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from latentgen.checkpoint import read_metadata
-from latentgen.errors import ConfigError
 from latentgen.config.containers import to_plain
+from latentgen.errors import ConfigError
 from latentgen.training.run import RESUME_MAY_CHANGE, STATE_NAME, config_differences, state_path
 
 DEFAULT_RUNS = Path("outputs") / "train"
-
-
-def requested(value: Any) -> bool | str:
-    """False, True, or the path a `resume` value names."""
-    if value is None or value is False or str(value).lower() in ("false", "null", "none", "0", ""):
-        return False
-    if value is True or str(value).lower() in ("true", "1", "last"):
-        return True
-    return str(value)
 
 
 def run_to_resume(value: bool | str, run_dir: str | None, runs: Path = DEFAULT_RUNS) -> Path:

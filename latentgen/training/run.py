@@ -11,6 +11,7 @@ summary.json. With torchrun every process trains its share of each batch and onl
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -20,10 +21,14 @@ from typing import Any, Mapping
 
 import torch
 
+from latentgen.assembly import build_component
 from latentgen.checkpoint import atomic_write, load_module_state
 from latentgen.config.containers import to_plain
+from latentgen.config.settings import TrainRunSettings
+from latentgen.config.typed import as_plain, parse
 from latentgen.errors import ConfigError
-from latentgen.pipeline import MODULE_KINDS, LatentDiffusionPipeline, build_component
+from latentgen.kinds import module_parts
+from latentgen.pipeline import LatentDiffusionPipeline
 from latentgen.training import distributed, rng
 from latentgen.training.codec_stage import CodecTrainer, estimate_scale_factor
 from latentgen.training.denoiser_stage import DenoiserTrainer
@@ -58,11 +63,22 @@ def run_training(cfg: Any, run_dir: Path, resume: bool = False) -> Path:
     `train.stop_after_steps=N` stops after N optimizer steps, keeping the state to resume from.
     Under torchrun (WORLD_SIZE > 1) the processes share each global batch.
     """
-    group, device, started = distributed.start(to_plain(cfg).get("device"))
+    config = validated_config(cfg)  # every setting checked before anything is built or computed
+    group, device, started = distributed.start(config.get("device"))
     try:
-        return TrainingRun(cfg, Path(run_dir), device, group).train(resume)
+        return TrainingRun(config, Path(run_dir), device, group).train(resume)
     finally:
         distributed.stop(started)
+
+
+def validated_config(cfg: Any) -> dict[str, Any]:
+    """The plain config with latentgen-train's own settings (`train`, `diffusion`, `sampling`, `seed`, ...)
+    type-converted and checked against `latentgen.config.settings.TrainRunSettings`; a ConfigError naming
+    the key otherwise. Component nodes are left to their components."""
+    config = to_plain(cfg)
+    own = {field.name for field in dataclasses.fields(TrainRunSettings)}
+    settings = as_plain(parse(TrainRunSettings, {key: value for key, value in config.items() if key in own}))
+    return {**config, **settings}
 
 
 class TrainingRun:
@@ -79,6 +95,7 @@ class TrainingRun:
         self.generator = torch.Generator().manual_seed(seed)
         self.dataset = build_component("dataset", self.config["dataset"])
         self.pipe = LatentDiffusionPipeline.from_config(self.config).to(device)
+        self._check_image_sizes()
         self.precision = Precision(str(self.train_settings.get("precision", "fp32")), device)
         self.budget = StepBudget(self.train_settings.get("stop_after_steps"))
         self.monitor = Monitor.from_config(self.train_settings, run_dir, self.dataset, seed) if group.is_main else None
@@ -94,7 +111,7 @@ class TrainingRun:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         state = self._resumable_state() if resume else self._refuse_to_overwrite_state()
         if state is not None:
-            for kind in MODULE_KINDS:
+            for kind in module_parts():
                 load_module_state(getattr(self.pipe, kind), state["modules"][kind], kind, self.state_path)
             self._set_scale_factor(state["scale_factor"])
             self.summary, self.seconds = {**state["summary"], "device": str(self.device)}, dict(state["seconds"])
@@ -199,6 +216,20 @@ class TrainingRun:
         self.group.barrier()
         return self.checkpoint_path
 
+    def _check_image_sizes(self) -> None:
+        """Refuse image sizes the codec or denoiser cannot tile before anything is trained."""
+        size = getattr(self.dataset, "image_size", None)
+        sampling = self.config.get("sampling") or {}
+        sizes = {"dataset.image_size": (size, size), "sampling.height/width": (sampling.get("height"),
+                                                                               sampling.get("width"))}
+        for key, (height, width) in sizes.items():
+            if height is None or width is None:
+                continue
+            try:
+                self.pipe.latent_size(height, width)
+            except ValueError as exc:
+                raise ConfigError(f"{key}={height}x{width}: {exc}") from None
+
     # ---- data ---------------------------------------------------------------------------------
 
     def _latent_cache(self, path: str | None) -> LatentCache:
@@ -231,7 +262,7 @@ class TrainingRun:
         if trainer is not None:
             seconds[stage] += time.perf_counter() - began
         state = {"stage": stage, "step": step, "scale_factor": float(self.pipe.codec.scale_factor),
-                 "modules": {kind: getattr(self.pipe, kind).state_dict() for kind in MODULE_KINDS},
+                 "modules": {kind: getattr(self.pipe, kind).state_dict() for kind in module_parts()},
                  "trainer": trainer.state_dict() if trainer is not None else None,
                  "rng": rng.capture(self.generator), "summary": self.summary, "seconds": seconds}
         save_state(self.state_path, state, {"latentgen.config": self.config, "latentgen.stage": stage,

@@ -1,1 +1,1 @@
-"""Hydra config options this plugin adds to latentgen's groups (found through hydra_plugins.latentgen_example)."""
+"""Hydra presets this plugin adds to latentgen's groups (on Hydra's search path through its `latentgen.configs` entry point)."""

@@ -1,0 +1,223 @@
+"""The apps' settings as typed schemas (conf/train.yaml, conf/sample.yaml and conf/eval.yaml document them).
+
+Each field names its allowed values, so a wrong type, a negative count or an impossible choice fails
+at start-up as one `error:` line naming the key (`latentgen.config.typed.parse`). Components' own
+parameters are checked by the components when they are built.
+"""
+
+# No `from __future__ import annotations`: OmegaConf reads these annotations as types.
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from latentgen.config.typed import setting
+from latentgen.errors import ConfigError
+
+NOISE_SCHEDULES = ("linear", "scaled_linear", "cosine")
+PREDICTION_TYPES = ("eps", "v", "x0")
+GRIDS = ("discrete", "karras", "exponential")
+SPACINGS = ("leading", "trailing", "linspace")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class DiffusionSettings:
+    """The discrete process the denoiser is trained on (DDPM, Ho et al. 2020; Stable Diffusion's by default)."""
+
+    noise_schedule: str = setting("scaled_linear", choices=NOISE_SCHEDULES)
+    num_timesteps: int = setting(1000, ge=2)
+    beta_start: float = setting(0.00085, gt=0, lt=1)
+    beta_end: float = setting(0.012, gt=0, lt=1)
+    prediction_type: str = setting("eps", choices=PREDICTION_TYPES)
+    zero_terminal_snr: bool = setting(False, help="rescale so the last timestep is pure noise (Lin et al. 2023)")
+
+    def validate(self, prefix: str) -> None:
+        if self.beta_end <= self.beta_start:
+            raise ConfigError(f"{prefix}.beta_end={self.beta_end}: must be larger than {prefix}.beta_start="
+                              f"{self.beta_start}")
+
+
+@dataclass
+class SamplingDefaults:
+    """A pipeline's sampling defaults (stored in its checkpoint); each call may override them."""
+
+    height: Optional[int] = setting(None, ge=1)
+    width: Optional[int] = setting(None, ge=1)
+    steps: int = setting(20, ge=1)
+    guidance_scale: float = setting(5.0, ge=0)
+    guidance_rescale: float = setting(0.0, ge=0, le=1)
+    grid: str = setting("discrete", choices=GRIDS)
+    spacing: str = setting("leading", choices=SPACINGS)
+    rho: float = setting(7.0, gt=0)
+
+
+@dataclass
+class CodecStageSettings:
+    """Stage 1: fitting the codec on images (conf/train.yaml `train.codec`)."""
+
+    steps: int = setting(1000, ge=0)
+    batch_size: int = setting(64, ge=1)
+    lr: float = setting(1.0e-3, gt=0)
+    l1_weight: float = setting(1.0, ge=0)
+    l2_weight: float = setting(1.0, ge=0)
+    kl_weight: float = setting(1.0e-6, ge=0)
+    codebook_weight: float = setting(1.0, ge=0)
+    commitment_weight: float = setting(1.0, ge=0)
+    perceptual_weight: float = setting(0.0, ge=0)
+    perceptual_weights: Optional[str] = setting(None)
+    disc_weight: float = setting(0.0, ge=0)
+    disc_start: int = setting(0, ge=0)
+    disc_layers: int = setting(3, ge=1)
+    disc_channels: int = setting(64, ge=1)
+    disc_lr: Optional[float] = setting(None, gt=0)
+    scale_by_std: bool = setting(True)
+    grad_accumulation: int = setting(1, ge=1)
+
+    def validate(self, prefix: str) -> None:
+        _check_accumulation(self.batch_size, self.grad_accumulation, prefix)
+
+
+@dataclass
+class DenoiserStageSettings:
+    """Stage 2: fitting the denoiser on the frozen codec's latents (conf/train.yaml `train.denoiser`)."""
+
+    steps: int = setting(3000, ge=0)
+    batch_size: int = setting(64, ge=1)
+    lr: float = setting(1.0e-3, gt=0)
+    weight_decay: float = setting(0.0, ge=0)
+    warmup_steps: int = setting(100, ge=0)
+    ema_decay: float = setting(0.999, ge=0, lt=1)
+    grad_clip: float = setting(1.0, ge=0, help="max global gradient norm; 0: off")
+    grad_accumulation: int = setting(1, ge=1)
+    loss_weighting: str = setting("none", choices=("none", "min_snr"))
+    snr_gamma: float = setting(5.0, gt=0)
+    latent_cache: Optional[str] = setting(None)
+
+    def validate(self, prefix: str) -> None:
+        _check_accumulation(self.batch_size, self.grad_accumulation, prefix)
+
+
+@dataclass
+class TrainSettings:
+    """How latentgen-train trains (conf/train.yaml `train`)."""
+
+    precision: str = setting("fp32", choices=PRECISIONS)
+    stop_after_steps: Optional[int] = setting(None, ge=1)
+    num_workers: int = setting(0, ge=0)
+    log_every: int = setting(25, ge=1)
+    tensorboard: bool = setting(True)
+    sample_every: int = setting(1000, ge=0)
+    sample_count: int = setting(8, ge=1)
+    sample_steps: int = setting(10, ge=1)
+    checkpoint_every: int = setting(500, ge=1)
+    grid_size: int = setting(48, ge=1)
+    codec: CodecStageSettings = setting(default_factory=CodecStageSettings)
+    denoiser: DenoiserStageSettings = setting(default_factory=DenoiserStageSettings)
+
+
+@dataclass
+class TrainRunSettings:
+    """latentgen-train's own settings: everything in conf/train.yaml but the component groups."""
+
+    seed: int = setting(0)
+    device: str = setting("auto")
+    resume: Any = setting(False)
+    diffusion: DiffusionSettings = setting(default_factory=DiffusionSettings)
+    sampling: SamplingDefaults = setting(default_factory=SamplingDefaults)
+    train: TrainSettings = setting(default_factory=TrainSettings)
+
+
+@dataclass
+class SampleAppSettings:
+    """latentgen-sample's settings (conf/sample.yaml), but the scheduler group."""
+
+    checkpoint: Optional[str] = setting(None)
+    format: Optional[str] = setting(None)
+    original_config: Optional[str] = setting(None)
+    dtype: Optional[str] = setting(None, choices=DTYPES)
+    compile: bool = setting(False)
+    prompt: Any = setting(None)
+    negative_prompt: Any = setting(None)
+    label: Any = setting(None)
+    conditioning: Dict[str, Any] = setting(default_factory=dict)
+    num_images: int = setting(4, ge=1)
+    steps: Optional[int] = setting(None, ge=1)
+    guidance_scale: Optional[float] = setting(None, ge=0)
+    height: Optional[int] = setting(None, ge=1)
+    width: Optional[int] = setting(None, ge=1)
+    seed: int = setting(0)
+    device: str = setting("auto")
+    grid: Optional[str] = setting(None, choices=GRIDS)
+    guidance_rescale: Optional[float] = setting(None, ge=0, le=1)
+    progress: bool = setting(True)
+    preview_every: int = setting(0, ge=0)
+
+    def validate(self, prefix: str) -> None:
+        if self.checkpoint in (None, "", "???"):
+            raise ConfigError("checkpoint: not given; pass checkpoint=<path> (a latentgen checkpoint such as "
+                              "outputs/train/<run>/checkpoints/last.safetensors, or another format's file)")
+        for key in ("prompt", "negative_prompt"):
+            _check_strings(key, getattr(self, key))
+        if self.label is not None:
+            labels = self.label if isinstance(self.label, list) else [self.label]
+            if not labels or not all(isinstance(label, int) and not isinstance(label, bool) for label in labels):
+                raise ConfigError(f"label={self.label!r}: must be an integer or a list of integers")
+        if self.prompt is not None and self.label is not None:
+            raise ConfigError("prompt and label are both given; a model reads one of them: drop the other")
+
+
+@dataclass
+class JudgeSettings:
+    """The shapes judge latentgen-eval trains and caches (conf/eval.yaml `judge`)."""
+
+    min_accuracy: float = setting(0.98, ge=0, le=1)
+    train_images: int = setting(4000, ge=1)
+    steps: int = setting(300, ge=1)
+    batch_size: int = setting(32, ge=1)
+    learning_rate: float = setting(5.0e-3, gt=0)
+    weight_decay: float = setting(1.0e-4, ge=0)
+    seed: int = setting(0)
+    held_out_images: int = setting(1000, ge=1)
+
+
+@dataclass
+class CodecFidelitySettings:
+    images: int = setting(256, ge=1)
+    natural_size: int = setting(256, ge=8)
+
+
+@dataclass
+class EvalAppSettings:
+    """latentgen-eval's settings (conf/eval.yaml), but the dataset and scheduler groups."""
+
+    checkpoint: Optional[str] = setting(None)
+    metrics: Any = setting(None)
+    num_samples: Optional[int] = setting(None, ge=1)
+    steps: Optional[int] = setting(None, ge=1)
+    guidance_scale: Optional[float] = setting(None, ge=0)
+    seed: int = setting(0)
+    batch_size: int = setting(36, ge=1)
+    device: str = setting("auto")
+    out: Optional[str] = setting(None)
+    progress: bool = setting(True)
+    cache_dir: Optional[str] = setting(None)
+    judge: JudgeSettings = setting(default_factory=JudgeSettings)
+    codec_fidelity: CodecFidelitySettings = setting(default_factory=CodecFidelitySettings)
+
+    def validate(self, prefix: str) -> None:
+        if self.checkpoint in (None, "", "???"):
+            raise ConfigError("checkpoint: not given; pass checkpoint=<path>, e.g. "
+                              "outputs/train/<run>/checkpoints/last.safetensors")
+
+
+def _check_accumulation(batch_size: int, micro_batches: int, prefix: str) -> None:
+    if batch_size % micro_batches:
+        raise ConfigError(f"{prefix}.grad_accumulation={micro_batches}: must divide {prefix}.batch_size={batch_size} "
+                          f"(each optimizer step is that many equal micro-batches)")
+
+
+def _check_strings(key: str, value: Any) -> None:
+    values = value if isinstance(value, list) else [value]
+    if value is not None and (not values or not all(isinstance(item, str) for item in values)):
+        raise ConfigError(f"{key}={value!r}: must be a string or a list of strings (quote a number: "
+                          f"{key}='\"{values[0] if values else ''}\"')")

@@ -1,0 +1,236 @@
+"""A generation request's inputs as the conditioner's batch: prompts, labels and `conditioning=` values checked
+against what the conditioner reads, converted to tensors and repeated to one per output image; and the
+init image and mask of img2img and inpainting as tensors of the request's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from latentgen.config.settings import GRIDS, SPACINGS
+from latentgen.contracts import Conditioner
+from latentgen.contracts.input_keys import INPUT_KEYS, filled_by_pipeline
+from latentgen.imaging import from_pil
+
+
+@dataclass
+class Request:
+    """The options of one generation call (`LatentDiffusionPipeline.__call__` documents each); None takes
+    the pipeline's sampling default."""
+
+    labels: Any = None
+    negative_prompts: Any = None
+    num_images: int = 1
+    steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float | None = None
+    seed: int | None = None
+    generator: torch.Generator | None = None
+    height: int | None = None
+    width: int | None = None
+    spacing: str | None = None
+    grid: str | None = None
+    image: Any = None
+    strength: float | None = None
+    mask: Any = None
+    conditioning: Mapping[str, Any] | None = None
+    callback: Callable[[dict], None] | None = None
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> "Request":
+        """The call's options, the pipeline's `defaults` filled in, every value checked."""
+        names = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for generating; the options are {', '.join(names)}")
+        request = cls(**options)
+        for name in ("steps", "guidance_scale", "guidance_rescale", "height", "width", "spacing", "grid"):
+            if getattr(request, name) is None:
+                setattr(request, name, defaults.get(name))
+        if request.strength is None:
+            request.strength = 1.0 if request.mask is not None else 0.8
+        request.check()
+        return request
+
+    def check(self) -> None:
+        _whole("num_images", self.num_images, 1)
+        _whole("steps", self.steps, 1)
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                _whole(name, getattr(self, name), 1)
+        _number("guidance_scale", self.guidance_scale)
+        if not 0 <= _number("guidance_rescale", self.guidance_rescale) <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1]; got {self.guidance_rescale}")
+        for name, what, choices in (("grid", "sigma grid", GRIDS), ("spacing", "spacing", SPACINGS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {what} {getattr(self, name)!r} ({name}=); choose one of {', '.join(choices)}")
+        if self.mask is not None and self.image is None:
+            raise ValueError("a mask needs the image it applies to: pass image=... as well")
+        if self.image is not None and not 0 < _number("strength", self.strength) <= 1:
+            raise ValueError(f"strength must be in (0, 1] (the fraction of the sampling path redone); got {self.strength}")
+
+
+def _whole(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}; got {value!r}")
+    return int(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    return float(value)
+
+
+def conditioner_batch(conditioner: Conditioner, prompts: str | Sequence[str] | None,
+                      labels: int | Sequence[int] | torch.Tensor | None, num_images: int,
+                      conditioning: Mapping[str, Any] | None, device: torch.device) -> dict[str, Any]:
+    """The conditioner's input batch, each prompt or label repeated `num_images` times.
+
+    `conditioning` holds the other inputs the conditioner reads, by key (e.g. {"low_res": image}):
+    PIL image(s) (mode "L" gives one channel, others RGB, in [-1, 1]), a tensor (B, C, H, W) or
+    (C, H, W), or a list of values. Each gives one item for all, one per prompt/label (or, with
+    neither, one per request item), or one per output image.
+    """
+    reads = set(conditioner.input_keys)
+    given = {"prompt": prompts, "label": labels}
+    for key, value in given.items():
+        if value is not None and key not in reads:
+            what = "an unconditional model" if not reads else f"a model whose conditioner reads {sorted(reads)}"
+            raise ValueError(
+                f"a {key} was given to {what} (conditioner '{conditioner.name}'); "
+                + (f"pass {sorted(reads)[0]}=... instead" if reads else f"drop the {key}, or load a model trained with a {key} conditioner")
+            )
+    missing = [key for key in reads if key in given and given[key] is None]
+    if missing:
+        hint = ' (an empty prompt "" gives unconditional samples)' if missing[0] == "prompt" else ""
+        raise ValueError(f"conditioner '{conditioner.name}' needs {missing[0]}=...{hint}")
+    batch: dict[str, Any] = {}
+    if prompts is not None:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
+            raise ValueError(f"prompts must be a string or a non-empty list of strings; got {prompts!r}")
+        batch["prompt"] = [p for p in prompts for _ in range(num_images)]
+    if labels is not None:
+        labels = torch.as_tensor(labels).reshape(-1)
+        if labels.is_floating_point() or labels.numel() == 0:
+            raise ValueError(f"labels must be an integer or a non-empty list of integers; got {labels.tolist()}")
+        batch["label"] = labels.repeat_interleave(num_images)
+    batch.update(_conditioning_inputs(conditioner, conditioning or {}, batch, num_images, device))
+    return batch
+
+
+def _conditioning_inputs(conditioner: Conditioner, conditioning: Mapping[str, Any], batch: Mapping[str, Any],
+                         num_images: int, device: torch.device) -> dict[str, Any]:
+    """`conditioning` checked against what the conditioner reads, batched like the prompts/labels."""
+    reads = conditioner.input_keys
+    for key in conditioning:
+        if filled_by_pipeline(key):
+            raise ValueError(f"conditioning['{key}'] is filled by the pipeline: pass {INPUT_KEYS[key].filled_from} instead")
+        if key not in reads:
+            raise ValueError(f"conditioning['{key}'] was given but conditioner '{conditioner.name}' reads only "
+                             f"{list(reads) or 'nothing'}; drop it, or load a model whose conditioner reads '{key}'")
+    for key in reads:
+        if not filled_by_pipeline(key) and conditioning.get(key) is None:
+            raise ValueError(
+                f"conditioner '{conditioner.reader_of(key)}' needs the input '{key}', which was not given: pass "
+                f"conditioning={{'{key}': <PIL image or tensor (B, C, H, W)>}} to the pipeline "
+                f"(latentgen-sample: conditioning.{key}=<path.png>)")
+    values = {key: _as_conditioning(key, value) for key, value in conditioning.items()}
+    if batch:
+        items = len(next(iter(batch.values()))) // num_images
+    else:  # no prompts or labels: the conditioning inputs are the request's items
+        items = max((_count(value) for value in values.values()), default=1)
+    return {key: _batched(key, value, items, num_images, device) for key, value in values.items()}
+
+
+def image_batch(image: Any, batch_size: int, height: int | None, width: int | None,
+                device: torch.device) -> torch.Tensor:
+    """PIL image(s) or a (B, 3, H, W) tensor in [-1, 1] -> (batch_size, 3, H, W) on `device`."""
+    if isinstance(image, torch.Tensor):
+        images = image if image.ndim == 4 else image[None]
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"an image tensor must be (B, 3, H, W) in [-1, 1]; got {tuple(image.shape)}")
+        if height and width and tuple(images.shape[2:]) != (height, width):
+            images = F.interpolate(images.float(), size=(height, width), mode="bicubic").clamp(-1, 1)
+    else:
+        pictures = list(image) if isinstance(image, (list, tuple)) else [image]
+        size = (width, height) if height and width else None
+        images = from_pil(pictures, size)
+    return _repeat_to(images, batch_size, "image").to(device)
+
+
+def mask_batch(mask: Any, batch_size: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """PIL mask(s) (white = repaint) or a tensor (B, 1, H, W) in [0, 1] -> (batch_size, 1, H, W) on `device`."""
+    if isinstance(mask, torch.Tensor):
+        masks = mask.float()
+        while masks.ndim < 4:
+            masks = masks[None]
+        if masks.shape[1] != 1:
+            raise ValueError(f"a mask tensor must be (B, 1, H, W) in [0, 1]; got {tuple(mask.shape)}")
+    else:
+        pictures = list(mask) if isinstance(mask, (list, tuple)) else [mask]
+        masks = (from_pil([p.convert("L").convert("RGB") for p in pictures])[:, :1] + 1) / 2
+    masks = F.interpolate(masks, size=(height, width), mode="nearest") if tuple(masks.shape[2:]) != (height, width) else masks
+    return _repeat_to(masks, batch_size, "mask").to(device)
+
+
+def _as_conditioning(key: str, value: Any) -> torch.Tensor | list:
+    """A conditioning input as a batch: PIL images and arrays -> float tensor (B, C, H, W), else a list."""
+    if isinstance(value, Image.Image) or (isinstance(value, (list, tuple)) and value
+                                          and all(isinstance(v, Image.Image) for v in value)):
+        pictures = [value] if isinstance(value, Image.Image) else list(value)
+        if len({picture.size for picture in pictures}) > 1:
+            raise ValueError(f"conditioning['{key}'] holds images of different sizes "
+                             f"{sorted({p.size for p in pictures})}; resize them to one size")
+        if all(picture.mode == "L" for picture in pictures):  # a one-channel map, e.g. a depth map
+            arrays = np.stack([np.asarray(picture, dtype=np.float32) for picture in pictures])[:, None]
+            return torch.from_numpy(arrays) / 127.5 - 1
+        return from_pil(pictures)
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) and v.ndim in (3, 4) for v in value):
+        value = torch.cat([v if v.ndim == 4 else v[None] for v in value])  # maps of one size, e.g. one per prompt
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 3:  # one (C, H, W) map
+            value = value[None]
+        return value.float() if value.dtype == torch.float64 else value
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _count(value: torch.Tensor | list) -> int:
+    return value.shape[0] if isinstance(value, torch.Tensor) else len(value)
+
+
+def _batched(key: str, value: torch.Tensor | list, items: int, num_images: int,
+             device: torch.device) -> torch.Tensor | list:
+    """One value for all, one per item (repeated `num_images` times) or one per image -> one per image."""
+    count, batch_size = _count(value), items * num_images
+    if count not in (1, items, batch_size):
+        raise ValueError(f"conditioning['{key}'] has {count} items for {items} prompt(s)/label(s) x {num_images} "
+                         f"image(s): pass one, one per prompt/label ({items}) or one per image ({batch_size})")
+    if isinstance(value, torch.Tensor):
+        if count == batch_size:
+            return value.to(device)
+        repeats = batch_size if count == 1 else num_images
+        return value.repeat_interleave(repeats, dim=0).to(device)
+    if count == batch_size:
+        return list(value)
+    return [v for v in value for _ in range(batch_size if count == 1 else num_images)]
+
+
+def _repeat_to(tensor: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+    """One item for the whole batch, or exactly one per item."""
+    if tensor.shape[0] == batch_size:
+        return tensor
+    if tensor.shape[0] == 1:
+        return tensor.expand(batch_size, *tensor.shape[1:])
+    raise ValueError(f"got {tensor.shape[0]} {what}s for a batch of {batch_size}: pass one, or one per image")
