@@ -143,21 +143,10 @@ class UNet(Denoiser):
         legacy: bool = False,
     ) -> None:
         super().__init__()
-        _check_sizes(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
-                     context_dim=context_dim, vector_dim=vector_dim, norm_groups=norm_groups)
-        if not channel_mult or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in channel_mult):
-            raise ValueError(f"unet: channel_mult must be a non-empty list of positive integers; got {list(channel_mult)}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"unet: dropout must be in [0, 1); got {dropout}")
-        if (num_heads == -1) == (num_head_channels == -1):
-            raise ValueError(
-                f"unet: set exactly one of num_heads and num_head_channels, got num_heads={num_heads}, "
-                f"num_head_channels={num_head_channels}"
-            )
-        if not 0 <= concat_channels < in_channels:
-            raise ValueError(
-                f"unet: concat_channels must be in [0, in_channels={in_channels}), got {concat_channels}"
-            )
+        _check_options(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+                       context_dim=context_dim, vector_dim=vector_dim, norm_groups=norm_groups,
+                       channel_mult=channel_mult, dropout=dropout, num_heads=num_heads,
+                       num_head_channels=num_head_channels, concat_channels=concat_channels)
         levels = len(channel_mult)
         res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks", minimum=1)
         depths = _per_level(transformer_depth, levels, "transformer_depth")
@@ -291,10 +280,20 @@ class UNet(Denoiser):
         return self.out(h).to(x.dtype)
 
 
-def _check_sizes(**sizes: int | None) -> None:
-    """Refuse a size that is not a positive integer (None allowed for the optional widths)."""
+def _check_options(channel_mult: Sequence[int], dropout: float, num_heads: int, num_head_channels: int,
+                   concat_channels: int, **sizes: int | None) -> None:
+    """Refuse UNet options it cannot be built with, naming the option (None allowed for the optional widths)."""
     for name, value in sizes.items():
         if value is None and name in ("context_dim", "vector_dim"):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"unet: {name} must be a positive integer; got {value!r}")
+    if not channel_mult or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in channel_mult):
+        raise ValueError(f"unet: channel_mult must be a non-empty list of positive integers; got {list(channel_mult)}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"unet: dropout must be in [0, 1); got {dropout}")
+    if (num_heads == -1) == (num_head_channels == -1):
+        raise ValueError(f"unet: set exactly one of num_heads and num_head_channels, got num_heads={num_heads}, "
+                         f"num_head_channels={num_head_channels}")
+    if not 0 <= concat_channels < sizes["in_channels"]:
+        raise ValueError(f"unet: concat_channels must be in [0, in_channels={sizes['in_channels']}), got {concat_channels}")
