@@ -79,7 +79,10 @@ def call_with_options(fmt: Any, method: str, args: tuple, options: Mapping[str, 
     try:
         inspect.signature(function).bind(*args, **options)
     except TypeError as exc:
-        accepted = [p for p in inspect.signature(function).parameters if p not in ("path", "pipeline")]
-        raise ConfigError(f"checkpoint format '{fmt.name}' cannot {method} with {sorted(options)}: {exc}; it takes "
+        parameters = inspect.signature(function).parameters
+        accepted = [name for name in parameters if name not in ("path", "pipeline")]
+        unknown = [name for name in options if name not in parameters]
+        what = f"does not take the option {', '.join(unknown)}" if unknown else f"cannot {method} with these options: {exc}"
+        raise ConfigError(f"checkpoint format '{fmt.name}' {what} (to {method}); it takes "
                           f"{', '.join(accepted) or 'no options'}") from exc
     return function(*args, **options)

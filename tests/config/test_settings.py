@@ -113,3 +113,15 @@ def test_the_shipped_configs_are_valid_settings():
         assert config["train"]["denoiser"]["steps"] >= 1
     sample = OmegaConf.to_container(compose("sample", ["checkpoint=x"]))
     assert parse(SampleAppSettings, {k: v for k, v in sample.items() if k != "scheduler"}).num_images == 4
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["format=nope"], "unknown format 'nope'. Available formats: latentgen (latentgen"),
+    (["format=stable_diffusion"], "not a Stable Diffusion v1 or v2 checkpoint"),
+    (["original_config=v1-inference.yaml"], "checkpoint format 'latentgen' does not take the option original_config (to load); it takes device, dtype"),
+])
+def test_the_format_options_are_refused_by_name(args, named, checkpoint, tmp_path, monkeypatch):
+    status, stderr = run_app("sample", [f"checkpoint={checkpoint}", "prompt=a red circle", *args,
+                                        f"hydra.run.dir={tmp_path}"], monkeypatch)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert status == 1 and len(lines) == 1 and named in lines[0], stderr

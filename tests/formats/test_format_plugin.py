@@ -144,7 +144,7 @@ def test_the_format_saves_loads_and_samples_through_the_pipeline(plugin, smoke, 
     # Saved again in latentgen's own format, it is still the same model.
     again = LatentDiffusionPipeline.from_checkpoint(loaded.save(tmp_path / "model.safetensors"))
     assert torch.equal(_sample(again), _sample(smoke))
-    with pytest.raises(ConfigError, match="npz_pipeline.*cannot load with \\['original_config'\\]"):
+    with pytest.raises(ConfigError, match="'npz_pipeline' does not take the option original_config"):
         LatentDiffusionPipeline.from_checkpoint(path, original_config="x.yaml")
 
 
