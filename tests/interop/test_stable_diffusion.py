@@ -145,6 +145,18 @@ def _rewrite(source, target, edit):
     return target
 
 
+def test_a_file_written_from_scratch_has_the_released_v1_text_layout(prompted, shared_dir):
+    """`cond_stage_model.transformer.text_model.*`, as released v1 files and ../shared/spec/sd-v1-keys.tsv have it
+    (tools such as stable-diffusion.cpp refuse a v1 file without `text_model.`); loading reads it back."""
+    pipe, path, _ = prompted
+    text_keys = [key for key in safetensors.torch.load_file(str(path)) if key.startswith("cond_stage_model.")]
+    assert text_keys and all(key.startswith("cond_stage_model.transformer.text_model.") for key in text_keys)
+    spec = {line.split("\t")[0] for line in (shared_dir / "spec" / "sd-v1-keys.tsv").read_text().splitlines()
+            if line.startswith("cond_stage_model.") and "position_ids" not in line}
+    assert {key.rsplit(".layers.", 1)[0] for key in text_keys} <= {key.rsplit(".layers.", 1)[0] for key in spec}
+    assert set(pipe.source.origin.values()) >= set(text_keys)
+
+
 def test_round_trip_is_bit_identical(tiny, golden, tmp_path):
     out = save_original(tiny, tmp_path / "again.safetensors")
     before, after = safetensors.torch.load_file(str(golden["weights"])), safetensors.torch.load_file(str(out))
