@@ -9,6 +9,7 @@ config before they compute anything.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
@@ -53,8 +54,10 @@ def parse(schema: type[T], node: Mapping[str, Any] | None, prefix: str = "") -> 
         merged = OmegaConf.merge(structured, node or {})
     except ConfigKeyError as exc:
         key = _dotted(prefix, str(exc.full_key or exc.key))
-        raise ConfigError(f"{key}: no such setting; the settings here are "
-                          f"{', '.join(_dotted(prefix, name) for name in _field_names(schema, key, prefix))}") from None
+        names = [_dotted(prefix, name) for name in _field_names(schema, key, prefix)]
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"{key}: no such setting; {hint}the settings here are {', '.join(names)}") from None
     except OmegaConfBaseException as exc:
         key = str(exc.full_key or exc.key or "")
         value = _select(node, key)
