@@ -102,36 +102,13 @@ def read_header(path: Path) -> dict:
     return header
 
 
-def _header_or_none(path: Path) -> dict | None:
-    """The safetensors JSON header of `path`, or None when it is not a readable safetensors file. Reads the
-    header only (a format's `sniff` must be cheap and must not raise)."""
+def safetensors_header(path: str | os.PathLike) -> dict | None:
+    """The header of a readable safetensors file, or None for anything else (what a format's `sniff` needs:
+    cheap, and never raising; `read_header` says what is wrong with a file that is not readable)."""
     try:
-        if not path.is_file():
-            return None
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                return None
-            (header_size,) = struct.unpack("<Q", prefix)
-            if header_size > min(size - 8, 100_000_000):
-                return None
-            header = json.loads(handle.read(header_size))
-    except (OSError, ValueError, UnicodeDecodeError):
+        return read_header(Path(path))
+    except (CheckpointError, OSError):
         return None
-    return header if isinstance(header, dict) else None
-
-
-def safetensors_metadata(path: str | os.PathLike) -> dict[str, str] | None:
-    """The string metadata of a safetensors file ({} if it has none), or None if `path` is not one."""
-    header = _header_or_none(Path(path))
-    return None if header is None else dict(header.get("__metadata__") or {})
-
-
-def safetensors_keys(path: str | os.PathLike) -> list[str]:
-    """The tensor names of a safetensors file ([] if `path` is not one)."""
-    header = _header_or_none(Path(path)) or {}
-    return [key for key in header if key != "__metadata__"]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from latentgen.contracts import Codec, Conditioner, Denoiser
-from latentgen.contracts.cond_keys import COND_KEYS, cond_key
+from latentgen.contracts.cond_keys import COND_KEYS
 from latentgen.errors import IncompatibleComponentsError
 
 
@@ -18,11 +18,8 @@ def compatibility_problems(codec: Codec, denoiser: Denoiser, conditioner: Condit
     problems = []
     c, d, k = f"codec '{codec.name}'", f"denoiser '{denoiser.name}'", f"conditioner '{conditioner.name}'"
     provided, required = conditioner.outputs, denoiser.required_cond
-    for key in provided:
-        try:
-            cond_key(key)
-        except ValueError as exc:
-            problems.append(f"{k} provides {exc}")
+    problems += [f"{k} provides unknown conditioning key '{key}'; the keys are {', '.join(COND_KEYS)} "
+                 f"(latentgen/contracts/cond_keys.py)" for key in provided if key not in COND_KEYS]
     if denoiser.latent_channels != codec.latent_channels:
         concatenated = {key: width for key, width in required.items() if COND_KEYS[key].in_input_channels}
         taken = "".join(f" minus {COND_KEYS[key].width_attribute} {width}" for key, width in concatenated.items())

@@ -32,10 +32,6 @@ from latentgen.kinds import kind, module_parts, pipeline_parts
 from latentgen.pipeline_inputs import Request, conditioner_batch, image_batch, mask_batch
 
 __all__ = ["LatentDiffusionPipeline", "build_component", "component_config"]
-# Kept for code written against earlier versions; `latentgen.kinds` is where the parts are declared.
-MODULE_KINDS, KINDS = module_parts(), pipeline_parts()
-DEFAULT_DIFFUSION = as_plain(DiffusionSettings())
-DEFAULT_SAMPLING = as_plain(SamplingDefaults())
 
 
 class LatentDiffusionPipeline:

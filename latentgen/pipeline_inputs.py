@@ -6,7 +6,6 @@ init image and mask of img2img and inpainting as tensors of the request's size.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -15,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from latentgen.config.settings import GRIDS, SPACINGS
+from latentgen.config.settings import SamplingDefaults
+from latentgen.config.typed import check
 from latentgen.contracts import Conditioner
 from latentgen.contracts.input_keys import INPUT_KEYS, filled_by_pipeline
+from latentgen.errors import ConfigError
 from latentgen.imaging import from_pil
 
 
@@ -46,48 +47,27 @@ class Request:
 
     @classmethod
     def of(cls, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> "Request":
-        """The call's options, the pipeline's `defaults` filled in, every value checked."""
+        """The call's options, the pipeline's sampling `defaults` filled in, every value checked: the
+        sampling settings against the ranges `SamplingDefaults` declares, the rest here."""
         names = [field.name for field in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(names))
         if unknown:
             raise TypeError(f"unknown option(s) {unknown} for generating; the options are {', '.join(names)}")
         request = cls(**options)
-        for name in ("steps", "guidance_scale", "guidance_rescale", "height", "width", "spacing", "grid"):
+        sampled = {field.name for field in dataclasses.fields(SamplingDefaults)} & set(names)
+        for name in sampled:
             if getattr(request, name) is None:
                 setattr(request, name, defaults.get(name))
-        if request.strength is None:
-            request.strength = 1.0 if request.mask is not None else 0.8
-        request.check()
-        return request
-
-    def check(self) -> None:
-        _whole("num_images", self.num_images, 1)
-        _whole("steps", self.steps, 1)
-        for name in ("height", "width"):
-            if getattr(self, name) is not None:
-                _whole(name, getattr(self, name), 1)
-        _number("guidance_scale", self.guidance_scale)
-        if not 0 <= _number("guidance_rescale", self.guidance_rescale) <= 1:
-            raise ValueError(f"guidance_rescale must be in [0, 1]; got {self.guidance_rescale}")
-        for name, what, choices in (("grid", "sigma grid", GRIDS), ("spacing", "spacing", SPACINGS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"unknown {what} {getattr(self, name)!r} ({name}=); choose one of {', '.join(choices)}")
-        if self.mask is not None and self.image is None:
+        check(SamplingDefaults(**{name: getattr(request, name) for name in sampled}))
+        if isinstance(request.num_images, bool) or not isinstance(request.num_images, int) or request.num_images < 1:
+            raise ConfigError(f"num_images={request.num_images!r}: must be an integer >= 1")
+        if request.mask is not None and request.image is None:
             raise ValueError("a mask needs the image it applies to: pass image=... as well")
-        if self.image is not None and not 0 < _number("strength", self.strength) <= 1:
-            raise ValueError(f"strength must be in (0, 1] (the fraction of the sampling path redone); got {self.strength}")
-
-
-def _whole(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer of at least {minimum}; got {value!r}")
-    return int(value)
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}")
-    return float(value)
+        request.strength = request.strength if request.strength is not None else 1.0 if request.mask is not None else 0.8
+        if request.image is not None and not (isinstance(request.strength, (int, float)) and 0 < request.strength <= 1):
+            raise ValueError(f"strength must be in (0, 1] (the fraction of the sampling path redone); got "
+                             f"{request.strength!r}")
+        return request
 
 
 def conditioner_batch(conditioner: Conditioner, prompts: str | Sequence[str] | None,

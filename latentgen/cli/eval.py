@@ -19,13 +19,11 @@ log = logging.getLogger("latentgen.eval")
 @hydra.main(config_path="pkg://latentgen.conf", config_name="eval", version_base="1.3")
 def _evaluate(cfg: DictConfig) -> None:
     from latentgen.config.containers import to_plain
-    from latentgen.config.settings import EvalAppSettings
-    from latentgen.config.typed import parse
+    from latentgen.config.settings import EvalAppSettings, app_settings
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with reported():
-        own = {key: value for key, value in to_plain(cfg).items() if key not in ("dataset", "scheduler")}
-        parse(EvalAppSettings, own)  # every setting checked before torch is even imported
+        app_settings(EvalAppSettings, to_plain(cfg))  # every setting checked before torch is even imported
         from latentgen.assembly import build_component
         from latentgen.evaluation.evaluate import EvalSettings, evaluate_checkpoint
         from latentgen.evaluation.report import markdown_table

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentgen.cli.errors import reported
 from latentgen.config import register_component_options
-from latentgen.config.settings import SampleAppSettings
+from latentgen.config.settings import SampleAppSettings, app_settings
 
 log = logging.getLogger("latentgen.sample")
 
@@ -73,12 +73,11 @@ def load(settings: SampleAppSettings, scheduler: object = None) -> object:
 
 @hydra.main(config_path="pkg://latentgen.conf", config_name="sample", version_base="1.3")
 def _sample(cfg: DictConfig) -> None:
-    from latentgen.config.typed import parse
+    from latentgen.config.containers import to_plain
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with reported():
-        own = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items() if key != "scheduler"}
-        settings = parse(SampleAppSettings, own)  # every setting checked before torch is even imported
+        settings = app_settings(SampleAppSettings, to_plain(cfg))  # every setting checked before torch is imported
         from latentgen.assembly import build_component
         from latentgen.callbacks import PreviewWriter, ProgressBar, chain
         from latentgen.imaging import grid

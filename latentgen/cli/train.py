@@ -19,6 +19,8 @@ from omegaconf import DictConfig
 
 from latentgen.cli.errors import reported
 from latentgen.config import register_component_options
+from latentgen.config.containers import to_plain
+from latentgen.config.settings import TrainRunSettings, app_settings
 from latentgen.errors import ConfigError
 
 log = logging.getLogger("latentgen.train")
@@ -30,7 +32,7 @@ def _train(cfg: DictConfig) -> None:
     with reported():
         resume = requested(cfg.get("resume"))
         if not resume:  # every setting checked before torch is even imported (a resumed run: its stored config)
-            validated_settings(cfg)
+            app_settings(TrainRunSettings, to_plain(cfg))
         from latentgen.training.resume import resumed_config
         from latentgen.training.run import run_training
 
@@ -48,18 +50,6 @@ def requested(value: Any) -> bool | str:
     if value is True or str(value).lower() in ("true", "1", "last"):
         return True
     return str(value)
-
-
-def validated_settings(cfg: DictConfig) -> dict:
-    """latentgen-train's own settings of `cfg`, checked (`latentgen.config.settings.TrainRunSettings`)."""
-    import dataclasses
-
-    from latentgen.config.containers import to_plain
-    from latentgen.config.settings import TrainRunSettings
-    from latentgen.config.typed import parse
-
-    own = {field.name for field in dataclasses.fields(TrainRunSettings)}
-    return parse(TrainRunSettings, {key: value for key, value in to_plain(cfg).items() if key in own})
 
 
 def hydra_arguments(args: list[str], environment: dict[str, str]) -> list[str]:

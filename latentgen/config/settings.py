@@ -7,10 +7,12 @@ parameters are checked by the components when they are built.
 
 # No `from __future__ import annotations`: OmegaConf reads these annotations as types.
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional, Type, TypeVar
 
-from latentgen.config.typed import setting
+from latentgen.config.typed import parse, setting
 from latentgen.errors import ConfigError
+
+T = TypeVar("T")
 
 NOISE_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("eps", "v", "x0")
@@ -52,12 +54,25 @@ class SamplingDefaults:
 
 
 @dataclass
-class CodecStageSettings:
-    """Stage 1: fitting the codec on images (conf/train.yaml `train.codec`)."""
+class StageSettings:
+    """What both training stages take: how long, on what batches, at what learning rate."""
 
     steps: int = setting(1000, ge=0)
     batch_size: int = setting(64, ge=1)
     lr: float = setting(1.0e-3, gt=0)
+    grad_accumulation: int = setting(1, ge=1, help="micro-batches per optimizer step")
+
+    def validate(self, prefix: str) -> None:
+        if self.batch_size % self.grad_accumulation:
+            raise ConfigError(f"{prefix}.grad_accumulation={self.grad_accumulation}: must divide "
+                              f"{prefix}.batch_size={self.batch_size} (each optimizer step is that many equal "
+                              f"micro-batches)")
+
+
+@dataclass
+class CodecStageSettings(StageSettings):
+    """Stage 1: fitting the codec on images (conf/train.yaml `train.codec`)."""
+
     l1_weight: float = setting(1.0, ge=0)
     l2_weight: float = setting(1.0, ge=0)
     kl_weight: float = setting(1.0e-6, ge=0)
@@ -71,30 +86,20 @@ class CodecStageSettings:
     disc_channels: int = setting(64, ge=1)
     disc_lr: Optional[float] = setting(None, gt=0)
     scale_by_std: bool = setting(True)
-    grad_accumulation: int = setting(1, ge=1)
-
-    def validate(self, prefix: str) -> None:
-        _check_accumulation(self.batch_size, self.grad_accumulation, prefix)
 
 
 @dataclass
-class DenoiserStageSettings:
+class DenoiserStageSettings(StageSettings):
     """Stage 2: fitting the denoiser on the frozen codec's latents (conf/train.yaml `train.denoiser`)."""
 
     steps: int = setting(3000, ge=0)
-    batch_size: int = setting(64, ge=1)
-    lr: float = setting(1.0e-3, gt=0)
     weight_decay: float = setting(0.0, ge=0)
     warmup_steps: int = setting(100, ge=0)
     ema_decay: float = setting(0.999, ge=0, lt=1)
     grad_clip: float = setting(1.0, ge=0, help="max global gradient norm; 0: off")
-    grad_accumulation: int = setting(1, ge=1)
     loss_weighting: str = setting("none", choices=("none", "min_snr"))
     snr_gamma: float = setting(5.0, gt=0)
     latent_cache: Optional[str] = setting(None)
-
-    def validate(self, prefix: str) -> None:
-        _check_accumulation(self.batch_size, self.grad_accumulation, prefix)
 
 
 @dataclass
@@ -210,10 +215,13 @@ class EvalAppSettings:
                               "outputs/train/<run>/checkpoints/last.safetensors")
 
 
-def _check_accumulation(batch_size: int, micro_batches: int, prefix: str) -> None:
-    if batch_size % micro_batches:
-        raise ConfigError(f"{prefix}.grad_accumulation={micro_batches}: must divide {prefix}.batch_size={batch_size} "
-                          f"(each optimizer step is that many equal micro-batches)")
+def app_settings(schema: Type[T], config: Mapping[str, Any]) -> T:
+    """An app's own settings in its composed (plain) config: every key but the component groups (the kinds'
+    Hydra groups, which their components check when built), checked against `schema`."""
+    from latentgen import kinds
+
+    groups = {kind.hydra_group for kind in kinds.KINDS if kind.hydra_group}
+    return parse(schema, {key: value for key, value in config.items() if key not in groups})
 
 
 def _check_strings(key: str, value: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
 
@@ -70,7 +71,8 @@ def parse(schema: type[T], node: Mapping[str, Any] | None, prefix: str = "") -> 
 
 
 def check(instance: Any, prefix: str = "") -> None:
-    """Check every field of a schema instance (recursively) against its allowed values."""
+    """Check every field of a schema instance (recursively) against its type and allowed values: what `parse`
+    does after conversion, and what code building an instance directly (the Python API) relies on."""
     hints = typing.get_type_hints(type(instance))
     for field in dataclasses.fields(instance):
         value = getattr(instance, field.name)
@@ -82,7 +84,8 @@ def check(instance: Any, prefix: str = "") -> None:
             if not _optional(hints[field.name]):
                 raise ConfigError(f"{key}=null: must be {allowed(field.metadata, hints[field.name])}")
             continue
-        problem = _problem(value, field.metadata)
+        problem = " (not a " + type(value).__name__ + ")" if _wrong_type(value, hints[field.name]) else \
+            _problem(value, field.metadata)
         if problem is not None:
             raise ConfigError(f"{key}={value!r}: must be {allowed(field.metadata, hints[field.name])}{problem}")
     validate = getattr(instance, "validate", None)
@@ -93,6 +96,19 @@ def check(instance: Any, prefix: str = "") -> None:
 def as_plain(instance: Any) -> dict[str, Any]:
     """A schema instance as plain dicts and lists (what configs and checkpoints store)."""
     return dataclasses.asdict(instance)
+
+
+def _wrong_type(value: Any, annotation: Any) -> bool:
+    """Whether a non-None value is not of the field's scalar type (bool is no number; numpy scalars are)."""
+    expected = _scalar(annotation)
+    if expected is bool:
+        return not isinstance(value, bool)
+    if expected in (int, float):
+        number = numbers.Integral if expected is int else numbers.Real
+        return isinstance(value, bool) or not isinstance(value, number)
+    if expected is str:
+        return not isinstance(value, str)
+    return False
 
 
 _FAILS = {"ge": lambda value, bound: value < bound, "gt": lambda value, bound: value <= bound,
@@ -111,21 +127,21 @@ def _problem(value: Any, meta: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _scalar(annotation: Any) -> Any:
+    """X for Optional[X], else the annotation itself."""
+    if typing.get_origin(annotation) is typing.Union:
+        return next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation
+
+
 def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, str):
-        annotation = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation.split(" |")[0], annotation)
-    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-    if args:
-        annotation = args[0]
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, "a value")
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(_scalar(annotation), "a value")
 
 
 def _optional(annotation: Any) -> bool:
-    if annotation is Any:
-        return True
-    if isinstance(annotation, str):
-        return "None" in annotation
-    return type(None) in typing.get_args(annotation)
+    return annotation is Any or (typing.get_origin(annotation) is typing.Union
+                                 and type(None) in typing.get_args(annotation))
 
 
 def _dotted(prefix: str, key: str) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from latentgen import registry
 from latentgen.checkpoint import (COMPONENTS_KEY, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION, load_module_state,
-                                  load_tensors, read_checkpoint, safetensors_metadata, save_tensors)
+                                  load_tensors, read_checkpoint, safetensors_header, save_tensors)
 from latentgen.contracts.checkpoint_format import CheckpointFormat
 from latentgen.errors import ConfigError
 from latentgen.kinds import module_parts, pipeline_parts
@@ -27,8 +27,8 @@ class LatentgenFormat(CheckpointFormat):
     suffixes = (".safetensors",)
 
     def sniff(self, path: Path) -> bool:
-        metadata = safetensors_metadata(path)
-        return metadata is not None and CONFIG_KEY in metadata
+        header = safetensors_header(path)
+        return header is not None and CONFIG_KEY in (header.get("__metadata__") or {})
 
     def load(self, path: Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
              compile: bool = False) -> Any:

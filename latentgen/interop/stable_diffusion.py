@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from latentgen.assembly import build_component
-from latentgen.checkpoint import CONFIG_KEY, mismatch_report, safetensors_keys, safetensors_metadata, save_tensors
+from latentgen.checkpoint import CONFIG_KEY, mismatch_report, safetensors_header, save_tensors
 from latentgen.errors import CheckpointError, ConfigError
 from latentgen.fast_path import optimize_for_inference
 from latentgen.interop.original_config import pipeline_config, read_original_config, standard_config
@@ -107,9 +107,9 @@ def is_original_checkpoint(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix == ".ckpt":
         return path.is_file()
-    metadata = safetensors_metadata(path)
-    return (metadata is not None and CONFIG_KEY not in metadata
-            and any(key.startswith(TEXT) for key in safetensors_keys(path)))
+    header = safetensors_header(path)
+    return (header is not None and CONFIG_KEY not in (header.get("__metadata__") or {})
+            and any(key.startswith(TEXT) for key in header))
 
 
 def infer_family(weights: WeightsFile) -> str:
@@ -263,8 +263,9 @@ def save_original(pipe: LatentDiffusionPipeline, path: str | Path, dtype: torch.
         module = getattr(pipe, kind)
         for name, value in module.state_dict().items():
             value = value.to(dtype) if dtype is not None and value.is_floating_point() else value
-            placed.add(_file_key(kind, name, module))
-            tensors[origin.get(f"{kind}.{name}") or _file_key(kind, name, module)] = value
+            key = _file_key(kind, name, module)
+            placed.add(key)
+            tensors[origin.get(f"{kind}.{name}", key)] = value
     _check_structure(pipe, placed)
     if source is not None and source.passthrough:
         original = WeightsFile(source.path)

@@ -11,7 +11,6 @@ summary.json. With torchrun every process trains its share of each batch and onl
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -24,8 +23,8 @@ import torch
 from latentgen.assembly import build_component
 from latentgen.checkpoint import atomic_write, load_module_state
 from latentgen.config.containers import to_plain
-from latentgen.config.settings import TrainRunSettings
-from latentgen.config.typed import as_plain, parse
+from latentgen.config.settings import TrainRunSettings, app_settings
+from latentgen.config.typed import as_plain
 from latentgen.errors import ConfigError
 from latentgen.kinds import module_parts
 from latentgen.pipeline import LatentDiffusionPipeline
@@ -76,9 +75,7 @@ def validated_config(cfg: Any) -> dict[str, Any]:
     type-converted and checked against `latentgen.config.settings.TrainRunSettings`; a ConfigError naming
     the key otherwise. Component nodes are left to their components."""
     config = to_plain(cfg)
-    own = {field.name for field in dataclasses.fields(TrainRunSettings)}
-    settings = as_plain(parse(TrainRunSettings, {key: value for key, value in config.items() if key in own}))
-    return {**config, **settings}
+    return {**config, **as_plain(app_settings(TrainRunSettings, config))}
 
 
 class TrainingRun:

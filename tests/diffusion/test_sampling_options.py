@@ -83,7 +83,7 @@ def test_pipeline_grids_and_img2img_slicing(pipe):
     pipe("a red circle", image=image, strength=0.5, steps=6, grid="exponential", seed=0,
          callback=lambda info: seen.append(float(info["sigma"])))
     assert seen == pytest.approx(exponential(6, pipe.schedule.sigma_min, pipe.schedule.sigma_max)[3:-1].tolist())
-    with pytest.raises(ValueError, match="unknown sigma grid"):
+    with pytest.raises(ValueError, match="grid=.spiral.: must be one of discrete, karras, exponential"):
         pipe("a red circle", steps=2, grid="spiral")
 
 
