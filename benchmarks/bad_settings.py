@@ -1,7 +1,7 @@
 """How fast each bad setting is refused by the apps, each run as its own process (as a user runs it).
 
-The cases are those of tests/config/test_settings.py (which checks the messages in-process); this script
-times `latentgen-train`, `latentgen-sample` and `latentgen-eval` from start to exit and prints a table.
+The cases are those of tests/reliability/test_app_settings.py (which checks the messages in-process); this
+script times `latentgen-train`, `latentgen-sample` and `latentgen-eval` from start to exit and prints a table.
 
     python benchmarks/bad_settings.py
 """
@@ -19,10 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cases() -> list[tuple[str, list[str], str]]:
-    spec = importlib.util.spec_from_file_location("bad_settings_cases", REPO / "tests" / "config" / "test_settings.py")
+    tests = REPO / "tests" / "reliability"
+    sys.path.insert(0, str(tests))  # the cases' module imports its conftest helpers
+    spec = importlib.util.spec_from_file_location("bad_settings_cases", tests / "test_app_settings.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.BAD_SETTINGS
+    return module.CASES
 
 
 def main() -> None:
@@ -37,7 +39,7 @@ def main() -> None:
         bin_dir = Path(sys.executable).parent
         print(f"{'app':<7} {'setting':<38} {'seconds':>7}  exit  first line of stderr")
         for number, (app, args, _) in enumerate(cases()):
-            base = [arg for arg in given[app] if not (arg.startswith("prompt=") and any(a.startswith("prompt=") for a in args))]
+            base = [arg for arg in given[app] if not any(arg.split("=")[0] == other.split("=")[0] for other in args)]
             command = [str(bin_dir / f"latentgen-{app}"), *base, *args, f"hydra.run.dir={tmp}/run{number}"]
             began = time.perf_counter()
             result = subprocess.run(command, capture_output=True, text=True, timeout=300)

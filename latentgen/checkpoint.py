@@ -21,6 +21,13 @@ import torch
 
 from latentgen.errors import CheckpointError
 
+# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, format spec).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
 FORMAT_KEY = "latentgen.format"
 FORMAT_VERSION = "1"
 CONFIG_KEY = "latentgen.config"
@@ -36,6 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from everyone else
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -52,6 +60,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     finally:
         os.close(directory)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(*directories: Path) -> list[Path]:
+    """Delete the temporary files `atomic_write` leaves when a process is killed mid-write (`.<name>.*.tmp`);
+    only for a directory this process owns, where no write of its own is under way."""
+    stale = [path for directory in directories if Path(directory).is_dir()
+             for path in Path(directory).glob(".*.tmp") if path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
@@ -88,18 +112,41 @@ def read_header(path: Path) -> dict:
             raise CheckpointError(f"'{path}' has a corrupt safetensors header: {exc}") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"'{path}' has a corrupt safetensors header: not a JSON object")
-    try:
-        end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
-                  default=0)
-    except (KeyError, TypeError, IndexError, ValueError) as exc:
-        raise CheckpointError(f"'{path}' has a malformed safetensors header (a tensor entry without valid "
-                              f"data_offsets: {exc!r}); the file is corrupt, use an intact copy") from None
+    end = max((_entry_end(key, entry, path) for key, entry in header.items() if key != "__metadata__"), default=0)
     if 8 + header_size + end > size:
         raise CheckpointError(
             f"checkpoint '{path}' is truncated: its header describes {8 + header_size + end} bytes but the "
             f"file has {size}; the file was cut off while copying or writing — use an intact copy"
         )
     return header
+
+
+def _entry_end(key: str, entry: Any, path: Path) -> int:
+    """Where a header entry's bytes end, once its dtype, shape and offsets are checked against each other."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not (all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)) and begin <= end):
+            raise ValueError("negative or non-integer sizes")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"'{path}' has a malformed safetensors header: the entry of tensor '{key}' needs a "
+                              f"dtype, a shape and two data_offsets ({type(exc).__name__}: {exc}); the file is "
+                              f"corrupt, use an intact copy") from None
+    if dtype in SAFETENSORS_DTYPES:
+        elements = 1
+        for n in shape:
+            elements *= n
+        if elements * SAFETENSORS_DTYPES[dtype].itemsize != end - begin:
+            raise CheckpointError(f"'{path}' has a malformed safetensors header: tensor '{key}' ({dtype}, shape "
+                                  f"{shape}) spans {end - begin} bytes, not {elements * SAFETENSORS_DTYPES[dtype].itemsize}; "
+                                  f"the file is corrupt, use an intact copy")
+    return end
+
+
+def float_weight_problems(own: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype]) -> list[str]:
+    """'key: int64' for every weight a module holds as floats but a file stores as integers or booleans
+    (cast, they would sample garbage without a word)."""
+    return [f"{key}: {str(dtypes[key]).removeprefix('torch.')}" for key, value in own.items()
+            if key in dtypes and value.is_floating_point() and not dtypes[key].is_floating_point]
 
 
 def safetensors_header(path: str | os.PathLike) -> dict | None:
@@ -161,4 +208,8 @@ def load_module_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]
          for key in own if key in state and state[key].shape != own[key].shape])
     if report:
         raise CheckpointError(f"the {what} weights in '{path}' do not fit its config: {report}")
+    wrong = float_weight_problems(own, {key: value.dtype for key, value in state.items()})
+    if wrong:
+        raise CheckpointError(f"{len(wrong)} {what} weights in '{path}' are not floating point (first: {wrong[:3]}); "
+                              f"weights are float32, float16 or bfloat16: the file is corrupt or was converted wrongly")
     module.load_state_dict(state, strict=True)

@@ -27,3 +27,11 @@ class CheckpointError(LatentgenError, ValueError):
 
 class ConfigError(LatentgenError, ValueError):
     """A configuration that names something impossible."""
+
+
+class SettingTypeError(ConfigError, TypeError):
+    """A setting or argument of the wrong type (a string where a number belongs, a float count)."""
+
+
+class InsufficientMemoryError(LatentgenError, MemoryError):
+    """A request that needs more memory than the device has available."""

@@ -29,6 +29,7 @@ from latentgen.errors import CheckpointError
 from latentgen.formats.dispatch import call_with_options, format_for
 from latentgen.imaging import to_pil
 from latentgen.kinds import kind, module_parts, pipeline_parts
+from latentgen.memory import check_fits, sampling_bytes
 from latentgen.pipeline_inputs import Request, conditioner_batch, image_batch, mask_batch
 
 __all__ = ["LatentDiffusionPipeline", "build_component", "component_config"]
@@ -77,12 +78,20 @@ class LatentDiffusionPipeline:
         return cls(**parts, diffusion=config.get("diffusion"), sampling=config.get("sampling"))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, format: str | None = None, *, scheduler: Scheduler | None = None,
-                        **options: Any) -> "LatentDiffusionPipeline":
+    def from_checkpoint(cls, path: str | Path, format: str | None = None, *,
+                        scheduler: Scheduler | str | None = None, **options: Any) -> "LatentDiffusionPipeline":
         """The pipeline stored at `path`, read by the registered checkpoint format that claims the file
-        (or the one named by `format`). `options` go to that format's `load`: `device`, `dtype`, and its
+        (or the one named by `format`). `scheduler` replaces the stored one (a Scheduler, or a registered
+        name such as "ddim"). `options` go to that format's `load`: `device`, `dtype`, and its
         own (the original Stable Diffusion file takes `original_config`, `use_ema`, ...; both built-in
         formats take `compile=True`, which compiles the denoiser with torch.compile)."""
+        if isinstance(scheduler, str):
+            scheduler = build_component("scheduler", {"name": scheduler})
+        elif scheduler is not None and not isinstance(scheduler, Scheduler):
+            raise TypeError(f"scheduler={scheduler!r:.80}: must be a latentgen.Scheduler or a registered scheduler "
+                            f"name (e.g. 'ddim')")
+        if not isinstance(path, (str, Path)):
+            raise TypeError(f"path={path!r:.80}: must be a file path (str or pathlib.Path)")
         reader = format_for(path, format)
         pipe = call_with_options(reader, "load", (Path(path),), options)
         if not isinstance(pipe, cls):
@@ -157,6 +166,7 @@ class LatentDiffusionPipeline:
             raise ValueError("pass height= and width= (this pipeline's config has no default image size)")
         latent_size = self.latent_size(request.height, request.width)
         batch["latent_size"] = latent_size  # for conditioners that resize a map to the latent grid (input_keys.py)
+        self._check_memory(batch_size, latent_size, request)
         masks = None if request.mask is None else mask_batch(request.mask, batch_size, request.height, request.width,
                                                              self.codec_device)
         model_applies_mask = self._fill_mask_inputs(batch, images, masks)
@@ -174,6 +184,12 @@ class LatentDiffusionPipeline:
                 repaint = latent_mask(masks, latent_size).to(self.device)
         return sample(denoise, self.scheduler, sigmas, noise, known=known, repaint=repaint, generator=generator,
                       callback=request.callback)
+
+    def _check_memory(self, batch_size: int, latent_size: tuple[int, int], request: Request) -> None:
+        """Refuse a batch that cannot fit before anything is allocated for it (latentgen.memory)."""
+        needed = sampling_bytes(self.codec, self.denoiser, self.codec.latent_channels, batch_size, latent_size,
+                                request.height, request.width, guided=request.guidance_scale != 1.0)
+        check_fits(needed, self.device, f"generating {batch_size} image(s) of {request.height}x{request.width}")
 
     def _fill_mask_inputs(self, batch: dict[str, Any], images: torch.Tensor | None, masks: torch.Tensor | None) -> bool:
         """Put the mask inputs a conditioner reads (an inpainting model's) into `batch`; whether it reads any."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -18,7 +19,6 @@ from latentgen.config.settings import SamplingDefaults
 from latentgen.config.typed import check
 from latentgen.contracts import Conditioner
 from latentgen.contracts.input_keys import INPUT_KEYS, filled_by_pipeline
-from latentgen.errors import ConfigError
 from latentgen.imaging import from_pil
 
 
@@ -59,12 +59,18 @@ class Request:
             if getattr(request, name) is None:
                 setattr(request, name, defaults.get(name))
         check(SamplingDefaults(**{name: getattr(request, name) for name in sampled}))
-        if isinstance(request.num_images, bool) or not isinstance(request.num_images, int) or request.num_images < 1:
-            raise ConfigError(f"num_images={request.num_images!r}: must be an integer >= 1")
+        _check_integer("num_images", request.num_images, minimum=1)
+        if request.seed is not None:
+            _check_integer("seed", request.seed)
+        if request.generator is not None and not isinstance(request.generator, torch.Generator):
+            raise TypeError(f"generator={request.generator!r}: must be a torch.Generator (or pass seed=<int>)")
+        if request.callback is not None and not callable(request.callback):
+            raise TypeError(f"callback={request.callback!r}: must be callable, called with a dict after each step")
         if request.mask is not None and request.image is None:
             raise ValueError("a mask needs the image it applies to: pass image=... as well")
         request.strength = request.strength if request.strength is not None else 1.0 if request.mask is not None else 0.8
-        if request.image is not None and not (isinstance(request.strength, (int, float)) and 0 < request.strength <= 1):
+        if request.image is not None and not (isinstance(request.strength, (int, float)) and not isinstance(
+                request.strength, bool) and 0 < request.strength <= 1):
             raise ValueError(f"strength must be in (0, 1] (the fraction of the sampling path redone); got "
                              f"{request.strength!r}")
         return request
@@ -95,13 +101,21 @@ def conditioner_batch(conditioner: Conditioner, prompts: str | Sequence[str] | N
         raise ValueError(f"conditioner '{conditioner.name}' needs {missing[0]}=...{hint}")
     batch: dict[str, Any] = {}
     if prompts is not None:
+        if not isinstance(prompts, (str, list, tuple)) or not all(isinstance(p, str) for p in
+                                                                  ([prompts] if isinstance(prompts, str) else prompts)):
+            raise TypeError(f"prompts={prompts!r}: must be a string or a list of strings")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
-            raise ValueError(f"prompts must be a string or a non-empty list of strings; got {prompts!r}")
+        if not prompts:
+            raise ValueError("prompts=[]: give at least one prompt (an empty string \"\" samples unconditionally)")
         batch["prompt"] = [p for p in prompts for _ in range(num_images)]
     if labels is not None:
-        labels = torch.as_tensor(labels).reshape(-1)
-        if labels.is_floating_point() or labels.numel() == 0:
+        if isinstance(labels, (str, bytes)) or not (isinstance(labels, (int, list, tuple, torch.Tensor, np.ndarray))):
+            raise TypeError(f"labels={labels!r}: must be an integer, a list of integers or an integer tensor")
+        try:
+            labels = torch.as_tensor(labels).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"labels={labels!r}: must be an integer, a list of integers or an integer tensor") from None
+        if labels.is_floating_point() or labels.dtype == torch.bool or labels.numel() == 0:
             raise ValueError(f"labels must be an integer or a non-empty list of integers; got {labels.tolist()}")
         batch["label"] = labels.repeat_interleave(num_images)
     batch.update(_conditioning_inputs(conditioner, conditioning or {}, batch, num_images, device))
@@ -136,6 +150,7 @@ def image_batch(image: Any, batch_size: int, height: int | None, width: int | No
                 device: torch.device) -> torch.Tensor:
     """PIL image(s) or a (B, 3, H, W) tensor in [-1, 1] -> (batch_size, 3, H, W) on `device`."""
     if isinstance(image, torch.Tensor):
+        _check_float_tensor("image", image, -1.0, 1.0, "(B, 3, H, W) in [-1, 1]")
         images = image if image.ndim == 4 else image[None]
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"an image tensor must be (B, 3, H, W) in [-1, 1]; got {tuple(image.shape)}")
@@ -143,6 +158,7 @@ def image_batch(image: Any, batch_size: int, height: int | None, width: int | No
             images = F.interpolate(images.float(), size=(height, width), mode="bicubic").clamp(-1, 1)
     else:
         pictures = list(image) if isinstance(image, (list, tuple)) else [image]
+        _check_pictures("image", pictures, "a PIL image, a list of them, or a float tensor (B, 3, H, W) in [-1, 1]")
         size = (width, height) if height and width else None
         images = from_pil(pictures, size)
     return _repeat_to(images, batch_size, "image").to(device)
@@ -151,6 +167,8 @@ def image_batch(image: Any, batch_size: int, height: int | None, width: int | No
 def mask_batch(mask: Any, batch_size: int, height: int, width: int, device: torch.device) -> torch.Tensor:
     """PIL mask(s) (white = repaint) or a tensor (B, 1, H, W) in [0, 1] -> (batch_size, 1, H, W) on `device`."""
     if isinstance(mask, torch.Tensor):
+        if mask.dtype != torch.bool:
+            _check_float_tensor("mask", mask, 0.0, 1.0, "(B, 1, H, W) in [0, 1] (1: repaint)")
         masks = mask.float()
         while masks.ndim < 4:
             masks = masks[None]
@@ -158,6 +176,7 @@ def mask_batch(mask: Any, batch_size: int, height: int, width: int, device: torc
             raise ValueError(f"a mask tensor must be (B, 1, H, W) in [0, 1]; got {tuple(mask.shape)}")
     else:
         pictures = list(mask) if isinstance(mask, (list, tuple)) else [mask]
+        _check_pictures("mask", pictures, "a PIL image (white: repaint), a list of them, or a tensor (B, 1, H, W)")
         masks = (from_pil([p.convert("L").convert("RGB") for p in pictures])[:, :1] + 1) / 2
     masks = F.interpolate(masks, size=(height, width), mode="nearest") if tuple(masks.shape[2:]) != (height, width) else masks
     return _repeat_to(masks, batch_size, "mask").to(device)
@@ -180,6 +199,8 @@ def _as_conditioning(key: str, value: Any) -> torch.Tensor | list:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) and v.ndim in (3, 4) for v in value):
         value = torch.cat([v if v.ndim == 4 else v[None] for v in value])  # maps of one size, e.g. one per prompt
     if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"conditioning['{key}'] holds NaN or infinite values; pass a finite map")
         if value.ndim == 3:  # one (C, H, W) map
             value = value[None]
         return value.float() if value.dtype == torch.float64 else value
@@ -214,3 +235,33 @@ def _repeat_to(tensor: torch.Tensor, batch_size: int, what: str) -> torch.Tensor
     if tensor.shape[0] == 1:
         return tensor.expand(batch_size, *tensor.shape[1:])
     raise ValueError(f"got {tensor.shape[0]} {what}s for a batch of {batch_size}: pass one, or one per image")
+
+
+def _check_integer(name: str, value: Any, minimum: int | None = None) -> None:
+    bound = f" >= {minimum}" if minimum is not None else ""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}={value!r}: must be an integer{bound} (not a {type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+
+
+def _check_pictures(name: str, pictures: list, expected: str) -> None:
+    """Refuse what is not a PIL image (a path, an array), naming the argument and what it takes."""
+    for picture in pictures:
+        if not isinstance(picture, Image.Image):
+            hint = f"; open a file with PIL.Image.open({str(picture)!r})" if isinstance(picture, (str, Path)) else ""
+            raise TypeError(f"{name}={picture!r:.80}: must be {expected}{hint}")
+
+
+def _check_float_tensor(name: str, tensor: torch.Tensor, low: float, high: float, expected: str) -> None:
+    """A float tensor, finite, within [low, high] (up to rounding): anything else is a caller's mistake that
+    would otherwise sample garbage silently (a uint8 image in 0..255, NaNs from a failed preprocessing)."""
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name}: a {str(tensor.dtype).removeprefix('torch.')} tensor; pass a float tensor {expected} "
+                        f"(from 0..255 integers: tensor.float() / 127.5 - 1)")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name}: the tensor holds NaN or infinite values; pass a finite tensor {expected}")
+    tolerance = 1e-2 * (high - low)
+    if tensor.numel() and (float(tensor.min()) < low - tolerance or float(tensor.max()) > high + tolerance):
+        raise ValueError(f"{name}: values range over [{float(tensor.min()):.3g}, {float(tensor.max()):.3g}]; pass a "
+                         f"tensor {expected}")

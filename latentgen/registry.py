@@ -55,7 +55,7 @@ class Entry:
         if self.factory is None:
             try:
                 self.factory = self.entry_point.load()
-            except Exception as exc:  # any failure inside a plugin's import is reported, not raised raw
+            except (Exception, SystemExit) as exc:  # any failure inside a plugin's import, an exit() too, is reported
                 raise PluginLoadError(
                     f"{self.kind} '{self.name}' from distribution '{self.distribution}' "
                     f"({self.target}) failed to import: {type(exc).__name__}: {exc}. Other components "
@@ -192,7 +192,7 @@ def build(kind: str, name: str, **params: Any) -> Any:
         raise
     except (ValueError, TypeError) as exc:  # a refused parameter value: say which component refused it
         raise ConfigError(f"{kind} '{name}' ({entry.provenance}) refused its parameters: {exc}") from exc
-    except Exception as exc:  # a bug in the component: name it and where it comes from
+    except (Exception, SystemExit) as exc:  # a bug in the component: name it and where it comes from
         raise PluginLoadError(f"{kind} '{name}' from distribution '{entry.distribution}' ({entry.target}) failed to "
                               f"build: {type(exc).__name__}: {exc}") from exc
     base = base_class(kind)

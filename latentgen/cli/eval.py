@@ -16,14 +16,26 @@ from latentgen.config import register_component_options
 log = logging.getLogger("latentgen.eval")
 
 
+RESULTS = ("eval.json",)  # what a finished run leaves; an earlier run's is kept unless overwrite=true
+
+
+def accept(config: dict, run_dir: Path) -> None:
+    """Every setting checked and the run directory claimed, before torch is imported or Hydra writes."""
+    from latentgen.config.settings import EvalAppSettings, app_settings
+    from latentgen.run_dir import claim, refuse_finished
+
+    settings = app_settings(EvalAppSettings, config)
+    claim(run_dir)
+    refuse_finished(run_dir, RESULTS, settings.overwrite, "latentgen-eval run")
+
+
 @hydra.main(config_path="pkg://latentgen.conf", config_name="eval", version_base="1.3")
 def _evaluate(cfg: DictConfig) -> None:
     from latentgen.config.containers import to_plain
-    from latentgen.config.settings import EvalAppSettings, app_settings
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with reported():
-        app_settings(EvalAppSettings, to_plain(cfg))  # every setting checked before torch is even imported
+        accept(to_plain(cfg), run_dir)  # again: a sweep's job is checked only here
         from latentgen.assembly import build_component
         from latentgen.evaluation.evaluate import EvalSettings, evaluate_checkpoint
         from latentgen.evaluation.report import markdown_table
@@ -45,18 +57,28 @@ def _evaluate(cfg: DictConfig) -> None:
             codec_images=cfg.codec_fidelity.images, natural_size=cfg.codec_fidelity.natural_size,
             progress=bool(cfg.progress), grid_path=run_dir / "samples.png")
         results = evaluate_checkpoint(cfg.checkpoint, settings)
-    text = json.dumps(results, indent=2)
-    paths = [run_dir / "eval.json"] + ([Path(cfg.out)] if cfg.out else [])
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        text = json.dumps(results, indent=2)
+        paths = [run_dir / "eval.json"] + ([Path(cfg.out)] if cfg.out else [])
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
     print(markdown_table(results))
     log.info("wrote %s", ", ".join(str(path) for path in paths))
 
 
 def main() -> None:
+    import sys
+
+    from latentgen.cli.preflight import preflight
+    from latentgen.run_dir import release_all
+
     register_component_options()
-    _evaluate()
+    try:
+        with reported():
+            sys.argv = [sys.argv[0], *preflight("eval", sys.argv[1:], accept)]
+        _evaluate()
+    finally:
+        release_all()
 
 
 if __name__ == "__main__":

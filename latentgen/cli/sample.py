@@ -24,14 +24,19 @@ def _as_list(value):
     return value if isinstance(value, list) else [value]
 
 
+def _map_file(key: str, path: str) -> Path:
+    file = Path(str(path))
+    if not file.is_file():
+        raise FileNotFoundError(f"conditioning.{key}: no file '{file}'; give the path of an image or a .npy array")
+    return file
+
+
 def _load_map(key: str, path: str):
     """An image file as a PIL image, or a .npy array (C, H, W) / (B, C, H, W) as a tensor."""
     import numpy as np
     from PIL import Image
 
-    file = Path(str(path))
-    if not file.is_file():
-        raise FileNotFoundError(f"conditioning.{key}: no file '{file}'; give the path of an image or a .npy array")
+    file = _map_file(key, path)
     if file.suffix.lower() == ".npy":
         import torch
 
@@ -51,19 +56,25 @@ def _conditioning(node) -> dict:
     return loaded
 
 
-def load(settings: SampleAppSettings, scheduler: object = None) -> object:
-    """The checkpoint as a pipeline, through whichever registered format reads it; then the speed-ups asked for."""
+def _load_options(settings: SampleAppSettings) -> dict:
+    """What the checkpoint format's `load` is given."""
     import torch
 
     from latentgen.devices import resolve_device
-    from latentgen.pipeline import LatentDiffusionPipeline
 
     options = {"device": resolve_device(settings.device),
                "dtype": getattr(torch, settings.dtype) if settings.dtype is not None else None}
     if settings.original_config is not None:  # only formats of original files take it
         options["original_config"] = settings.original_config
+    return options
+
+
+def load(settings: SampleAppSettings, scheduler: object = None) -> object:
+    """The checkpoint as a pipeline, through whichever registered format reads it; then the speed-ups asked for."""
+    from latentgen.pipeline import LatentDiffusionPipeline
+
     pipe = LatentDiffusionPipeline.from_checkpoint(settings.checkpoint, format=settings.format, scheduler=scheduler,
-                                                   **options)
+                                                   **_load_options(settings))
     if settings.compile:
         from latentgen.fast_path import optimize_for_inference
 
@@ -71,18 +82,53 @@ def load(settings: SampleAppSettings, scheduler: object = None) -> object:
     return pipe
 
 
+RESULTS = ("sample.json",)  # what a finished run leaves; an earlier run's is kept unless overwrite=true
+OUTPUTS = ("sample.json", "grid.png", "images", "previews")  # all a run writes
+
+
+def accept(config: dict, run_dir: Path) -> SampleAppSettings:
+    """Every setting checked, the scheduler built, the checkpoint's format found (from its header) and the
+    conditioning files found, and the run directory claimed, before any weight is read or Hydra writes."""
+    from latentgen.assembly import build_component
+    from latentgen.errors import ConfigError
+    from latentgen.formats.dispatch import build_format, check_options, format_for
+    from latentgen.registry import available
+    from latentgen.run_dir import claim, refuse_finished
+
+    settings = app_settings(SampleAppSettings, config)
+    if config.get("scheduler"):
+        build_component("scheduler", config["scheduler"])
+    reader = format_for(settings.checkpoint, settings.format)
+    if settings.format is not None and not reader.sniff(Path(settings.checkpoint)):
+        claims = [name for name in available("format") if name != settings.format
+                  and build_format(name).sniff(Path(settings.checkpoint))]
+        hint = f"; format {claims[0]} reads it: drop format=" if claims else ""
+        raise ConfigError(f"format={settings.format}: '{settings.checkpoint}' is not a file of this format (it does "
+                          f"not recognise it){hint}")
+    check_options(reader, "load", (Path(settings.checkpoint),), _load_options(settings))
+    for key, value in (settings.conditioning or {}).items():
+        for path in _as_list(value) or []:
+            _map_file(key, path)
+    claim(run_dir)
+    refuse_finished(run_dir, RESULTS, settings.overwrite, "latentgen-sample run")
+    return settings
+
+
 @hydra.main(config_path="pkg://latentgen.conf", config_name="sample", version_base="1.3")
 def _sample(cfg: DictConfig) -> None:
     from latentgen.config.containers import to_plain
+    from latentgen.run_dir import clear
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with reported():
-        settings = app_settings(SampleAppSettings, to_plain(cfg))  # every setting checked before torch is imported
+        settings = accept(to_plain(cfg), run_dir)  # again: a sweep's job is checked only here
+        clear(run_dir, OUTPUTS)  # accepted: what an earlier run here left goes
         from latentgen.assembly import build_component
         from latentgen.callbacks import PreviewWriter, ProgressBar, chain
         from latentgen.imaging import grid
 
         scheduler = build_component("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
+        conditioning = _conditioning(settings.conditioning)  # a missing map fails before the weights are read
         pipe = load(settings, scheduler)
         prompts, labels = _as_list(settings.prompt), _as_list(settings.label)
         height, width = settings.height or pipe.sampling["height"], settings.width or pipe.sampling["width"]
@@ -98,23 +144,33 @@ def _sample(cfg: DictConfig) -> None:
         images = pipe(prompts, labels=labels, negative_prompts=settings.negative_prompt, num_images=settings.num_images,
                       steps=steps, guidance_scale=settings.guidance_scale, guidance_rescale=settings.guidance_rescale,
                       grid=settings.grid, seed=settings.seed, height=settings.height, width=settings.width,
-                      conditioning=_conditioning(settings.conditioning), callback=callback)
-    captions = [str(c) for c in (prompts or labels or [""]) for _ in range(settings.num_images)][: len(images)]
-    out = run_dir / "images"
-    out.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(images):
-        image.save(out / f"{index:04d}.png")
-    grid(images, columns=settings.num_images if (prompts or labels) else None,
-         labels=captions if any(captions) else None).save(run_dir / "grid.png")
-    (run_dir / "sample.json").write_text(json.dumps({
-        "checkpoint": str(settings.checkpoint), "scheduler": pipe.scheduler.name, "seed": settings.seed,
-        "images": [str(out / f"{i:04d}.png") for i in range(len(images))], "captions": captions}, indent=2))
+                      conditioning=conditioning, callback=callback)
+        captions = [str(c) for c in (prompts or labels or [""]) for _ in range(settings.num_images)][: len(images)]
+        out = run_dir / "images"  # file names are numbers: nothing of a prompt becomes a path
+        out.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):
+            image.save(out / f"{index:04d}.png")
+        grid(images, columns=settings.num_images if (prompts or labels) else None,
+             labels=captions if any(captions) else None).save(run_dir / "grid.png")
+        (run_dir / "sample.json").write_text(json.dumps({
+            "checkpoint": str(settings.checkpoint), "scheduler": pipe.scheduler.name, "seed": settings.seed,
+            "images": [str(out / f"{i:04d}.png") for i in range(len(images))], "captions": captions}, indent=2))
     log.info("%d images in %s, grid %s", len(images), out, run_dir / "grid.png")
 
 
 def main() -> None:
+    import sys
+
+    from latentgen.cli.preflight import preflight
+    from latentgen.run_dir import release_all
+
     register_component_options()
-    _sample()
+    try:
+        with reported():
+            sys.argv = [sys.argv[0], *preflight("sample", sys.argv[1:], accept)]
+        _sample()
+    finally:
+        release_all()
 
 
 if __name__ == "__main__":

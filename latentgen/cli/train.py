@@ -78,11 +78,38 @@ def hydra_arguments(args: list[str], environment: dict[str, str]) -> list[str]:
     return [*args, *(f"{key}={value}" for key, value in extra.items() if key not in given)]
 
 
+def accept(config: dict[str, Any], run_dir: Path, overrides: list[str]) -> None:
+    """Refuse, before Hydra writes into `run_dir`, a run that could not start or finish there: any bad setting
+    (a resumed run: of its stored config with the command line's changes), a component that refuses its
+    parameters, a directory another process holds, a fresh start into a directory that holds a run without
+    overwrite=true."""
+    from latentgen.run_dir import claim
+    from latentgen.training.resume import resumed_config
+    from latentgen.training.run import build_parts, check_start, validated_config
+
+    resume = requested(config.get("resume"))
+    config = resumed_config(run_dir, overrides, config) if resume else config
+    settings = app_settings(TrainRunSettings, config)
+    build_parts(validated_config(config))  # the components check their own parameters (seconds at most)
+    claim(run_dir)
+    if not resume:
+        check_start(run_dir, settings.overwrite)
+
+
 def main() -> None:
+    from latentgen.cli.preflight import preflight, task_overrides
+    from latentgen.run_dir import release_all
+
     register_component_options()
-    with reported():
-        sys.argv = [sys.argv[0], *hydra_arguments(sys.argv[1:], dict(os.environ))]
-    _train()
+    try:
+        with reported():
+            args = hydra_arguments(sys.argv[1:], dict(os.environ))
+            if int(os.environ.get("RANK", "0")) == 0:  # the other processes of a torchrun job write nothing
+                args = preflight("train", args, lambda config, run_dir: accept(config, run_dir, task_overrides(args)))
+            sys.argv = [sys.argv[0], *args]
+        _train()
+    finally:
+        release_all()
 
 
 if __name__ == "__main__":

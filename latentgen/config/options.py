@@ -15,14 +15,31 @@ SearchPathPlugin of its own under `hydra_plugins`.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import warnings
 from importlib import resources
-from typing import Sequence
+from typing import Any, Sequence
 
 from latentgen import kinds, registry
 
 CONFIG_MODULE = "latentgen.conf"
 SEARCHPATH_RESOLVER = "latentgen_plugin_configs"
+SAFE_NAME_RESOLVER = "latentgen_safe_name"
+_LONGEST_NAME = 180  # bytes of a directory name; file systems allow 255
+
+
+def safe_name(value: Any) -> str:
+    """`value` as one directory name: separators and control characters replaced, never '.' or '..', at most
+    _LONGEST_NAME bytes (a long one keeps a hash of the whole). A sweep names its job folders after their
+    overrides, and an override value such as prompt='../../x' must not become a path."""
+    text = "".join("_" if char in "/\\" or not char.isprintable() else char for char in str(value))
+    if text.strip(".") == "":
+        text = text.replace(".", "_") or "_"
+    if len(text.encode()) > _LONGEST_NAME:
+        digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+        text = text.encode()[: _LONGEST_NAME - 11].decode(errors="ignore") + "-" + digest
+    return text
 
 
 def _selectable(name: str) -> bool:
@@ -45,8 +62,20 @@ def _shipped(group: str) -> set[str]:
 
 
 def plugin_config_paths() -> list[str]:
-    """`pkg://` search-path entries of every admitted plugin's presets (entry-point group `latentgen.configs`)."""
-    return [f"pkg://{package}" for package, _ in registry.config_packages()]
+    """`pkg://` search-path entries of every admitted plugin's presets (entry-point group `latentgen.configs`).
+    A package that fails to import (or exits while importing) is warned about by name and left out: Hydra would
+    otherwise end the app without a word about which plugin broke it."""
+    paths = []
+    for package, distribution in registry.config_packages():
+        try:
+            importlib.import_module(package)
+        except (Exception, SystemExit) as exc:
+            warnings.warn(f"the presets of plugin distribution '{distribution}' (package '{package}') failed to "
+                          f"import ({type(exc).__name__}: {exc}) and are left out; fix or uninstall "
+                          f"'{distribution}', or set {registry.BLOCK_ENV}={distribution}", stacklevel=2)
+            continue
+        paths.append(f"pkg://{package}")
+    return paths
 
 
 def register_component_options() -> list[tuple[str, str]]:
@@ -59,6 +88,8 @@ def register_component_options() -> list[tuple[str, str]]:
     warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
     if not OmegaConf.has_resolver(SEARCHPATH_RESOLVER):
         OmegaConf.register_new_resolver(SEARCHPATH_RESOLVER, plugin_config_paths)
+    if not OmegaConf.has_resolver(SAFE_NAME_RESOLVER):
+        OmegaConf.register_new_resolver(SAFE_NAME_RESOLVER, safe_name)
     store = ConfigStore.instance()
     stored = []
     for kind in kinds.KINDS:

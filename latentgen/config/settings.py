@@ -99,7 +99,12 @@ class DenoiserStageSettings(StageSettings):
     grad_clip: float = setting(1.0, ge=0, help="max global gradient norm; 0: off")
     loss_weighting: str = setting("none", choices=("none", "min_snr"))
     snr_gamma: float = setting(5.0, gt=0)
-    latent_cache: Optional[str] = setting(None)
+    latent_cache: Optional[str] = setting(None, help="a file: relative paths are inside the run directory")
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.latent_cache is not None:
+            inside_run_dir(f"{prefix}.latent_cache", self.latent_cache)
 
 
 @dataclass
@@ -127,6 +132,7 @@ class TrainRunSettings:
     seed: int = setting(0)
     device: str = setting("auto")
     resume: Any = setting(False)
+    overwrite: bool = setting(False, help="start afresh in a run directory that holds a run")
     diffusion: DiffusionSettings = setting(default_factory=DiffusionSettings)
     sampling: SamplingDefaults = setting(default_factory=SamplingDefaults)
     train: TrainSettings = setting(default_factory=TrainSettings)
@@ -156,6 +162,7 @@ class SampleAppSettings:
     guidance_rescale: Optional[float] = setting(None, ge=0, le=1)
     progress: bool = setting(True)
     preview_every: int = setting(0, ge=0)
+    overwrite: bool = setting(False, help="replace the images of an earlier run in the same directory")
 
     def validate(self, prefix: str) -> None:
         if self.checkpoint in (None, "", "???"):
@@ -206,6 +213,7 @@ class EvalAppSettings:
     out: Optional[str] = setting(None)
     progress: bool = setting(True)
     cache_dir: Optional[str] = setting(None)
+    overwrite: bool = setting(False, help="replace the report of an earlier run in the same directory")
     judge: JudgeSettings = setting(default_factory=JudgeSettings)
     codec_fidelity: CodecFidelitySettings = setting(default_factory=CodecFidelitySettings)
 
@@ -222,6 +230,16 @@ def app_settings(schema: Type[T], config: Mapping[str, Any]) -> T:
 
     groups = {kind.hydra_group for kind in kinds.KINDS if kind.hydra_group}
     return parse(schema, {key: value for key, value in config.items() if key not in groups})
+
+
+def inside_run_dir(key: str, path: str) -> None:
+    """Refuse a relative path that climbs out of the run directory: only an absolute path, which the user
+    names on purpose, may point elsewhere."""
+    from pathlib import PurePath
+
+    if not PurePath(path).is_absolute() and ".." in PurePath(path).parts:
+        raise ConfigError(f"{key}={path}: a relative path is inside the run directory and may not climb out of it "
+                          f"with '..'; give an absolute path to write elsewhere")
 
 
 def _check_strings(key: str, value: Any) -> None:

@@ -15,7 +15,7 @@ import numbers
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
 
-from latentgen.errors import ConfigError
+from latentgen.errors import ConfigError, SettingTypeError
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
@@ -84,10 +84,12 @@ def check(instance: Any, prefix: str = "") -> None:
             if not _optional(hints[field.name]):
                 raise ConfigError(f"{key}=null: must be {allowed(field.metadata, hints[field.name])}")
             continue
-        problem = " (not a " + type(value).__name__ + ")" if _wrong_type(value, hints[field.name]) else \
-            _problem(value, field.metadata)
+        expected = allowed(field.metadata, hints[field.name])
+        if _wrong_type(value, hints[field.name]):
+            raise SettingTypeError(f"{key}={value!r}: must be {expected} (not a {type(value).__name__})")
+        problem = _problem(value, field.metadata)
         if problem is not None:
-            raise ConfigError(f"{key}={value!r}: must be {allowed(field.metadata, hints[field.name])}{problem}")
+            raise ConfigError(f"{key}={value!r}: must be {expected}{problem}")
     validate = getattr(instance, "validate", None)
     if validate is not None:
         validate(prefix)

@@ -60,11 +60,10 @@ class Codec(nn.Module, abc.ABC):
         f = self.downsampling_factor
         for label, size in (("height", height), ("width", width)):
             if size <= 0 or size % f:
-                lower, upper = max(f, size // f * f), (size // f + 1) * f
-                raise ValueError(
-                    f"codec '{self.name}' downsamples by {f}, so image {label} must be a positive "
-                    f"multiple of {f}; got {size} (nearest valid: {lower} or {upper})"
-                )
+                lower, upper = size // f * f, (size // f + 1) * f
+                nearest = f"nearest valid: {lower} or {upper}" if lower >= f else f"the smallest valid is {f}"
+                raise ValueError(f"codec '{self.name}' downsamples by {f}, so image {label} must be a positive "
+                                 f"multiple of {f}; got {size} ({nearest})")
         return height // f, width // f
 
     def check_images(self, images: torch.Tensor) -> None:

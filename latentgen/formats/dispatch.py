@@ -75,6 +75,12 @@ def _unclaimed(path: Path) -> str:
 
 def call_with_options(fmt: Any, method: str, args: tuple, options: Mapping[str, Any]) -> Any:
     """fmt.<method>(*args, **options), refusing options the format does not take by name."""
+    check_options(fmt, method, args, options)
+    return getattr(fmt, method)(*args, **options)
+
+
+def check_options(fmt: Any, method: str, args: tuple, options: Mapping[str, Any]) -> None:
+    """Refuse, by name, options that fmt.<method> does not take (before anything is read or written)."""
     function = getattr(fmt, method)
     try:
         inspect.signature(function).bind(*args, **options)
@@ -85,4 +91,3 @@ def call_with_options(fmt: Any, method: str, args: tuple, options: Mapping[str, 
         what = f"does not take the option {', '.join(unknown)}" if unknown else f"cannot {method} with these options: {exc}"
         raise ConfigError(f"checkpoint format '{fmt.name}' {what} (to {method}); it takes "
                           f"{', '.join(accepted) or 'no options'}") from exc
-    return function(*args, **options)

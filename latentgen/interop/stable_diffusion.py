@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from latentgen.assembly import build_component
-from latentgen.checkpoint import CONFIG_KEY, mismatch_report, safetensors_header, save_tensors
+from latentgen.checkpoint import CONFIG_KEY, float_weight_problems, mismatch_report, safetensors_header, save_tensors
 from latentgen.errors import CheckpointError, ConfigError
 from latentgen.fast_path import optimize_for_inference
 from latentgen.interop.original_config import pipeline_config, read_original_config, standard_config
@@ -179,6 +179,10 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
         if report:
             raise CheckpointError(f"the {kind} weights in '{checkpoint}' do not match the config ({report}). "
                                   f"Pass the checkpoint's own inference YAML as original_config")
+        wrong = float_weight_problems(module.state_dict(), {name: weights.dtype(key) for name, key in located.items()})
+        if wrong:
+            raise CheckpointError(f"{len(wrong)} {kind} weights in '{checkpoint}' are not floating point (first: "
+                                  f"{wrong[:3]}); the file is corrupt or was converted wrongly")
         state = {name: weights.tensor(key, dtype) for name, key in located.items()}
         module.load_state_dict(state, strict=True, assign=True)
         source.origin.update({f"{kind}.{name}": key for name, key in located.items()})

@@ -18,15 +18,10 @@ from typing import Iterable
 
 import torch
 
+from latentgen.checkpoint import SAFETENSORS_DTYPES as _SAFETENSORS_DTYPES
 from latentgen.checkpoint import read_header
 from latentgen.errors import CheckpointError
 
-# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, format spec).
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 
 
 class WeightsFile:
@@ -94,6 +89,9 @@ class WeightsFile:
 
     def dtype_name(self, key: str) -> str:
         return self._shapes[key][1]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._state[key].dtype if self._state is not None else _SAFETENSORS_DTYPES[self._shapes[key][1]]
 
     def __contains__(self, key: str) -> bool:
         return key in self._shapes

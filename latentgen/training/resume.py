@@ -64,13 +64,20 @@ def overrides_refused(overrides: Sequence[str]) -> list[str]:
 
 def resumed_config(run_dir: Path, overrides: Sequence[str], composed: Any) -> dict[str, Any]:
     """The run's own config, with the values of the allowed overrides taken from `composed` (the
-    command line's config). Other overrides are accepted only where they agree with the run's config
-    (e.g. the original command repeated with resume=true)."""
+    command line's config). Other overrides are accepted only where the keys they name keep the run's
+    values (e.g. the original command repeated with resume=true); keys the command line does not name keep
+    the run's values."""
     from omegaconf import OmegaConf
 
     config = stored_config(run_dir)
-    if overrides_refused(overrides):
-        changed = config_differences(config, to_plain(composed), RESUME_MAY_CHANGE)
+    composed = composed if OmegaConf.is_config(composed) else OmegaConf.create(composed)
+    refused = overrides_refused(overrides)
+    if refused:
+        touched = [override.split("=", 1)[0].lstrip("+~") for override in refused]
+        # Only what the command line names counts: a key it does not repeat keeps the run's value (the run
+        # may have been started with more overrides), and a preset (experiment=...) is the run's own choice.
+        changed = [line for line in config_differences(config, to_plain(composed), RESUME_MAY_CHANGE)
+                   if any(line.split(":", 1)[0] == key or line.startswith(key + ".") for key in touched)]
         if changed:
             raise ConfigError(f"resume continues '{run_dir}' with the config it started with, but the command line "
                               f"changes {changed[:5]}. Drop those overrides (only {', '.join(RESUME_MAY_CHANGE[1:])} "

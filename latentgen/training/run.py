@@ -21,13 +21,14 @@ from typing import Any, Mapping
 import torch
 
 from latentgen.assembly import build_component
-from latentgen.checkpoint import atomic_write, load_module_state
+from latentgen.checkpoint import atomic_write, load_module_state, remove_stale_temporaries
 from latentgen.config.containers import to_plain
 from latentgen.config.settings import TrainRunSettings, app_settings
 from latentgen.config.typed import as_plain
 from latentgen.errors import ConfigError
 from latentgen.kinds import module_parts
 from latentgen.pipeline import LatentDiffusionPipeline
+from latentgen.run_dir import clear, holding
 from latentgen.training import distributed, rng
 from latentgen.training.codec_stage import CodecTrainer, estimate_scale_factor
 from latentgen.training.denoiser_stage import DenoiserTrainer
@@ -45,9 +46,12 @@ CHECKPOINT_NAME = "last.safetensors"
 STATE_NAME = "training_state.safetensors"
 STAGE_LABELS = {"codec": "stage 1: codec", "denoiser": "stage 2: denoiser"}
 # Settings a resumed run may change: where it runs and what it shows, never what it computes.
-RESUME_MAY_CHANGE = ("resume", "device", "train.num_workers", "train.log_every", "train.checkpoint_every",
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "train.num_workers", "train.log_every", "train.checkpoint_every",
                      "train.stop_after_steps", "train.tensorboard", "train.sample_every", "train.sample_count",
                      "train.sample_steps", "train.grid_size")
+# What a run writes into its directory: a fresh start clears what an earlier run there left.
+RUN_OUTPUTS = ("checkpoints", "metrics.csv", "samples", "summary.json", "tensorboard", "loss_codec.png",
+               "loss_denoiser.png")
 
 
 def state_path(run_dir: str | Path) -> Path:
@@ -63,11 +67,52 @@ def run_training(cfg: Any, run_dir: Path, resume: bool = False) -> Path:
     Under torchrun (WORLD_SIZE > 1) the processes share each global batch.
     """
     config = validated_config(cfg)  # every setting checked before anything is built or computed
+    run_dir = Path(run_dir)
     group, device, started = distributed.start(config.get("device"))
     try:
-        return TrainingRun(config, Path(run_dir), device, group).train(resume)
+        if not group.is_main:
+            return TrainingRun(config, run_dir, device, group).train(resume)
+        with holding(run_dir):  # one process writes into a run directory
+            if not resume:
+                check_start(run_dir, bool(config.get("overwrite")))
+                clear(run_dir, RUN_OUTPUTS)  # accepted: what an earlier run here left goes
+            remove_stale_temporaries(run_dir, run_dir / "checkpoints")  # of a write a killed run left half done
+            return TrainingRun(config, run_dir, device, group).train(resume)
     finally:
         distributed.stop(started)
+
+
+def build_parts(config: Mapping[str, Any]) -> tuple[Any, LatentDiffusionPipeline]:
+    """The run's dataset and untrained pipeline, refusing image sizes the codec or denoiser cannot tile
+    (what latentgen-train also does to check a config before it starts)."""
+    dataset = build_component("dataset", config["dataset"])
+    pipe = LatentDiffusionPipeline.from_config(config)
+    size = getattr(dataset, "image_size", None)
+    sampling = config.get("sampling") or {}
+    sizes = {"dataset.image_size": (size, size), "sampling.height/width": (sampling.get("height"),
+                                                                           sampling.get("width"))}
+    for key, (height, width) in sizes.items():
+        if height is None or width is None:
+            continue
+        try:
+            pipe.latent_size(height, width)
+        except ValueError as exc:
+            raise ConfigError(f"{key}={height}x{width}: {exc}") from None
+    return dataset, pipe
+
+
+def check_start(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a fresh start into a directory that holds a run (unfinished: it has a training state; finished:
+    a checkpoint and no state) unless `overwrite`; reads only what files exist."""
+    if overwrite:
+        return
+    if state_path(run_dir).exists():
+        raise ConfigError(f"'{run_dir}' holds an unfinished run (its checkpoints/{STATE_NAME}); continue it with "
+                          f"resume=true hydra.run.dir={run_dir}, start it again with overwrite=true, or train into "
+                          f"another directory")
+    if (run_dir / "checkpoints" / CHECKPOINT_NAME).exists():
+        raise ConfigError(f"'{run_dir}' holds a finished run (checkpoints/{CHECKPOINT_NAME}); it is kept. Pass "
+                          f"overwrite=true to replace it, or train into another directory (hydra.run.dir=<dir>)")
 
 
 def validated_config(cfg: Any) -> dict[str, Any]:
@@ -90,9 +135,8 @@ class TrainingRun:
         seed = int(self.config["seed"])
         torch.manual_seed(seed)
         self.generator = torch.Generator().manual_seed(seed)
-        self.dataset = build_component("dataset", self.config["dataset"])
-        self.pipe = LatentDiffusionPipeline.from_config(self.config).to(device)
-        self._check_image_sizes()
+        self.dataset, pipe = build_parts(self.config)
+        self.pipe = pipe.to(device)
         self.precision = Precision(str(self.train_settings.get("precision", "fp32")), device)
         self.budget = StepBudget(self.train_settings.get("stop_after_steps"))
         self.monitor = Monitor.from_config(self.train_settings, run_dir, self.dataset, seed) if group.is_main else None
@@ -106,7 +150,7 @@ class TrainingRun:
     def train(self, resume: bool) -> Path:
         if self.group.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        state = self._resumable_state() if resume else self._refuse_to_overwrite_state()
+        state = self._resumable_state() if resume else None
         if state is not None:
             for kind in module_parts():
                 load_module_state(getattr(self.pipe, kind), state["modules"][kind], kind, self.state_path)
@@ -213,26 +257,13 @@ class TrainingRun:
         self.group.barrier()
         return self.checkpoint_path
 
-    def _check_image_sizes(self) -> None:
-        """Refuse image sizes the codec or denoiser cannot tile before anything is trained."""
-        size = getattr(self.dataset, "image_size", None)
-        sampling = self.config.get("sampling") or {}
-        sizes = {"dataset.image_size": (size, size), "sampling.height/width": (sampling.get("height"),
-                                                                               sampling.get("width"))}
-        for key, (height, width) in sizes.items():
-            if height is None or width is None:
-                continue
-            try:
-                self.pipe.latent_size(height, width)
-            except ValueError as exc:
-                raise ConfigError(f"{key}={height}x{width}: {exc}") from None
-
     # ---- data ---------------------------------------------------------------------------------
 
     def _latent_cache(self, path: str | None) -> LatentCache:
         keep = tuple(self.pipe.conditioner.input_keys)
         if not path:
             return LatentCache.encode(self.pipe.codec, self.dataset, keep, self.device)
+        path = str(self.run_dir / path)  # a relative path is inside the run directory (an absolute one is kept)
         dataset_config = self.config["dataset"]
         if self.group.is_main:
             cache = LatentCache.load_or_encode(path, self.pipe.codec, self.dataset, dataset_config, keep, self.device)
@@ -286,13 +317,6 @@ class TrainingRun:
                               f"in {changed[:5]}. Resume with that config (latentgen-train resume=... takes it from the "
                               f"run), or start a new run")
         return state
-
-    def _refuse_to_overwrite_state(self) -> None:
-        if self.state_path.exists():
-            raise ConfigError(f"'{self.run_dir}' holds an unfinished run (its checkpoints/{STATE_NAME}); "
-                              f"continue it with resume=true hydra.run.dir={self.run_dir}, or train into another "
-                              f"directory")
-        return None
 
 
 def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:

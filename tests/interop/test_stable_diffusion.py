@@ -112,6 +112,9 @@ class SpecWeights:
     def __contains__(self, key):
         return key in self.shapes
 
+    def dtype(self, key):
+        return torch.float32
+
     def tensor(self, key, dtype=None):
         return torch.empty(self.shapes[key], device="meta", dtype=dtype or torch.float32)
 

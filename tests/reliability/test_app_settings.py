@@ -1,0 +1,139 @@
+"""Bad settings of the apps: each ends in one `error:` line naming the key and the value, exit status 1, before
+any training step or weight read, and leaves an existing run directory exactly as it was.
+
+The apps run in this process (their `main`, with the command line patched): a fraction of a second per case.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import existing_run, snapshot
+
+# (app, arguments, what the one error line must name). Train cases add experiment=smoke; sample cases a
+# checkpoint and a prompt; eval cases a checkpoint.
+CASES = [
+    # latentgen-train: counts, rates, weights and choices of both stages
+    ("train", ["train.denoiser.steps=abc"], "train.denoiser.steps='abc'"),
+    ("train", ["train.denoiser.steps=-5"], "train.denoiser.steps=-5"),
+    ("train", ["train.denoiser.steps=1.5"], "train.denoiser.steps=1.5"),
+    ("train", ["train.codec.steps=-1"], "train.codec.steps=-1"),
+    ("train", ["train.denoiser.lr=-1"], "train.denoiser.lr=-1"),
+    ("train", ["train.denoiser.lr=inf"], "train.denoiser.lr=inf"),
+    ("train", ["train.codec.lr=nan"], "train.codec.lr=nan"),
+    ("train", ["train.codec.lr=0"], "train.codec.lr=0"),
+    ("train", ["train.denoiser.batch_size=0"], "train.denoiser.batch_size=0"),
+    ("train", ["train.codec.batch_size=abc"], "train.codec.batch_size='abc'"),
+    ("train", ["train.codec.batch_size=0"], "train.codec.batch_size=0"),
+    ("train", ["train.denoiser.grad_accumulation=0"], "train.denoiser.grad_accumulation=0"),
+    ("train", ["train.denoiser.grad_accumulation=3"], "train.denoiser.grad_accumulation=3: must divide"),
+    ("train", ["train.denoiser.grad_clip=-1"], "train.denoiser.grad_clip=-1"),
+    ("train", ["train.denoiser.warmup_steps=-1"], "train.denoiser.warmup_steps=-1"),
+    ("train", ["train.denoiser.ema_decay=1"], "train.denoiser.ema_decay=1"),
+    ("train", ["train.denoiser.weight_decay=-0.1"], "train.denoiser.weight_decay=-0.1"),
+    ("train", ["train.denoiser.loss_weighting=snr"], "train.denoiser.loss_weighting='snr'"),
+    ("train", ["train.denoiser.snr_gamma=0"], "train.denoiser.snr_gamma=0"),
+    ("train", ["train.denoiser.latent_cache=../../latents.safetensors"], "train.denoiser.latent_cache=../../"),
+    ("train", ["train.codec.kl_weight=-1"], "train.codec.kl_weight=-1"),
+    ("train", ["train.codec.disc_layers=0"], "train.codec.disc_layers=0"),
+    ("train", ["train.codec.disc_lr=0"], "train.codec.disc_lr=0"),
+    ("train", ["train.codec.scale_by_std=maybe"], "train.codec.scale_by_std='maybe'"),
+    ("train", ["train.grid_size=0"], "train.grid_size=0"),
+    ("train", ["train.log_every=0"], "train.log_every=0"),
+    ("train", ["train.checkpoint_every=0"], "train.checkpoint_every=0"),
+    ("train", ["train.sample_count=0"], "train.sample_count=0"),
+    ("train", ["train.stop_after_steps=0"], "train.stop_after_steps=0"),
+    ("train", ["train.num_workers=-1"], "train.num_workers=-1"),
+    ("train", ["train.precision=fp8"], "train.precision='fp8'"),
+    ("train", ["train.tensorboard=maybe"], "train.tensorboard='maybe'"),
+    # the process and the sampling defaults the checkpoint will carry
+    ("train", ["sampling.steps=0"], "sampling.steps=0"),
+    ("train", ["sampling.steps=abc"], "sampling.steps='abc'"),
+    ("train", ["sampling.guidance_scale=-1"], "sampling.guidance_scale=-1"),
+    ("train", ["sampling.guidance_rescale=2"], "sampling.guidance_rescale=2"),
+    ("train", ["sampling.grid=spiral"], "sampling.grid='spiral'"),
+    ("train", ["sampling.height=30"], "sampling.height/width=30x16"),
+    ("train", ["diffusion.prediction_type=epsilon"], "diffusion.prediction_type='epsilon'"),
+    ("train", ["diffusion.noise_schedule=quadratic"], "diffusion.noise_schedule='quadratic'"),
+    ("train", ["diffusion.num_timesteps=1"], "diffusion.num_timesteps=1"),
+    ("train", ["diffusion.beta_start=0"], "diffusion.beta_start=0"),
+    ("train", ["diffusion.beta_end=0.0001"], "diffusion.beta_end=0.0001: must be larger"),
+    # the run itself
+    ("train", ["seed=abc"], "seed='abc'"),
+    ("train", ["seed=1.5"], "seed=1.5"),
+    ("train", ["overwrite=maybe"], "overwrite='maybe'"),
+    ("train", ["+train.denoiser.lrr=1"], "train.denoiser.lrr: no such setting; did you mean train.denoiser.lr?"),
+    ("train", ["+bogus=1"], "bogus: no such setting"),
+    ("train", ["train.bogus=1"], "Could not override 'train.bogus'"),
+    ("train", ["resume=/nonexistent/run"], "resume=/nonexistent/run: nothing to resume there"),
+    # components refuse their parameters (built before anything is trained)
+    ("train", ["denoiser.model_channels=0"], "model_channels must be a positive integer; got 0"),
+    ("train", ["denoiser=no_such_denoiser"], "Could not find 'denoiser/no_such_denoiser'"),
+    ("train", ["dataset.image_size=30"], "image_size must be a multiple of 8"),
+    ("train", ["+denoiser.no_such_option=1"], "has no parameter denoiser.no_such_option"),
+    # latentgen-sample
+    ("sample", ["num_images=0"], "num_images=0"),
+    ("sample", ["num_images=1.5"], "num_images=1.5"),
+    ("sample", ["num_images=abc"], "num_images='abc'"),
+    ("sample", ["steps=-1"], "steps=-1"),
+    ("sample", ["steps=0"], "steps=0"),
+    ("sample", ["guidance_scale=nan"], "guidance_scale=nan"),
+    ("sample", ["guidance_scale=inf"], "guidance_scale=inf"),
+    ("sample", ["guidance_scale=-1"], "guidance_scale=-1"),
+    ("sample", ["guidance_rescale=2"], "guidance_rescale=2"),
+    ("sample", ["height=0"], "height=0"),
+    ("sample", ["width=-8"], "width=-8"),
+    ("sample", ["seed=abc"], "seed='abc'"),
+    ("sample", ["dtype=int8"], "dtype='int8'"),
+    ("sample", ["grid=spiral"], "grid='spiral'"),
+    ("sample", ["preview_every=-1"], "preview_every=-1"),
+    ("sample", ["progress=maybe"], "progress='maybe'"),
+    ("sample", ["compile=maybe"], "compile='maybe'"),
+    ("sample", ["prompt=5"], "prompt=5"),
+    ("sample", ["prompt=[a,5]"], "prompt=['a', 5]"),
+    ("sample", ["negative_prompt=5"], "negative_prompt=5"),
+    ("sample", ["label=abc"], "label='abc'"),
+    ("sample", ["+label=1"], "prompt and label are both given"),
+    ("sample", ["+foo=1"], "foo: no such setting"),
+    ("sample", ["scheduler=no_such_sampler"], "Could not find 'scheduler/no_such_sampler'"),
+    ("sample", ["scheduler=ddim", "+scheduler.foo=1"], "has no parameter scheduler.foo"),
+    ("sample", ["format=nope"], "unknown format 'nope'. Available formats: latentgen (latentgen"),
+    ("sample", ["format=stable_diffusion"], "is not a file of this format (it does not recognise it); format latentgen reads it"),
+    ("sample", ["conditioning.low_res=/nonexistent/low.png"], "conditioning.low_res: no file"),
+    ("sample", ["checkpoint=/nonexistent/last.safetensors"], "does not exist"),
+    ("sample", ["checkpoint=null"], "checkpoint: not given"),
+    ("sample", ["original_config=v1-inference.yaml"], "does not take the option original_config"),
+    # latentgen-eval
+    ("eval", ["num_samples=0"], "num_samples=0"),
+    ("eval", ["steps=0"], "steps=0"),
+    ("eval", ["batch_size=0"], "batch_size=0"),
+    ("eval", ["guidance_scale=-2"], "guidance_scale=-2"),
+    ("eval", ["judge.min_accuracy=2"], "judge.min_accuracy=2"),
+    ("eval", ["judge.steps=0"], "judge.steps=0"),
+    ("eval", ["codec_fidelity.natural_size=4"], "codec_fidelity.natural_size=4"),
+    ("eval", ["seed=abc"], "seed='abc'"),
+    ("eval", ["checkpoint=null"], "checkpoint: not given"),
+]
+
+
+@pytest.mark.parametrize(("app", "args", "named"), CASES, ids=[f"{case[0]} {' '.join(case[1])}" for case in CASES])
+def test_a_bad_setting_is_one_error_line_before_any_work(app, args, named, smoke_checkpoint, tmp_path, run_app,
+                                                         tripwires):
+    run_dir = existing_run(tmp_path / "run")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.safetensors").write_bytes(b"a finished run's checkpoint")
+    before = snapshot(run_dir)
+    given = {"train": ["experiment=smoke"], "sample": [f"checkpoint={smoke_checkpoint}", "prompt=a red circle"],
+             "eval": [f"checkpoint={smoke_checkpoint}"]}[app]
+    given = [arg for arg in given if not any(arg.split("=")[0] == other.split("=")[0] for other in args)]
+    status, lines = run_app(app, [*given, *args, f"hydra.run.dir={run_dir}"])
+    assert status == 1, lines
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert named in lines[0], lines[0]
+    assert tripwires == [], f"{tripwires} happened before the refusal"
+    assert snapshot(run_dir) == before  # the earlier run, its .hydra/ record included, is untouched
+
+
+def test_the_cases_cover_every_setting_kind():
+    """Counted in the issue's note: how many bad settings the apps are tested with, per app."""
+    counts = {app: sum(1 for case in CASES if case[0] == app) for app in ("train", "sample", "eval")}
+    assert counts["train"] >= 50 and counts["sample"] >= 30 and counts["eval"] >= 9, counts
