@@ -1,4 +1,4 @@
-"""Whether a generation request can fit in memory, answered before it allocates anything.
+"""Whether a generation request or a training batch can fit in memory, answered before it allocates anything.
 
 The estimate is a lower bound: only tensors that must exist at once are counted (the latents the sampler
 keeps, the guided batch, the decoder's last activation and output, the images returned). A request whose
@@ -56,14 +56,30 @@ def sampling_bytes(codec: torch.nn.Module, denoiser: torch.nn.Module, latent_cha
     return batch * per_image
 
 
-def check_fits(needed: int, device: torch.device, request: str) -> None:
+def training_bytes(codec: torch.nn.Module, denoiser: torch.nn.Module, stage: str, micro_batch: int,
+                   image_size: int, latent_size: tuple[int, int]) -> int:
+    """A lower bound of the memory one training micro-batch of `stage` ("codec" or "denoiser") needs: what
+    backpropagation must keep of the widest layers (their activations and gradients)."""
+    itemsize = 4  # trained weights and their activations are float32 (autocast halves only some)
+    pixels, latent_pixels = image_size * image_size, latent_size[0] * latent_size[1]
+    if stage == "codec":
+        per_item = itemsize * 2 * (3 * pixels + _last_conv_inputs(codec) * pixels)
+    else:
+        latent = codec.latent_channels * latent_pixels
+        per_item = itemsize * (LATENT_COPIES * latent + 2 * 2 * _first_layer_width(denoiser) * latent_pixels)
+    return micro_batch * per_item
+
+
+SAMPLING_FIX = "ask for fewer images at a time (num_images, fewer prompts) or a smaller size"
+
+
+def check_fits(needed: int, device: torch.device, request: str, fix: str = SAMPLING_FIX) -> None:
     """Refuse a request whose lower bound of memory exceeds what `device` has free, saying both figures."""
     free = available_bytes(device)
     if free is not None and needed > free:
         raise InsufficientMemoryError(
             f"{request} needs at least {needed / GIB:.1f} GiB of memory on {device} (a lower bound), but "
-            f"{free / GIB:.1f} GiB is available; ask for fewer images at a time (num_images, fewer prompts) or a "
-            f"smaller size")
+            f"{free / GIB:.1f} GiB is available; {fix}")
 
 
 def _first_layer_width(denoiser: torch.nn.Module) -> int:

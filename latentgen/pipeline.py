@@ -144,13 +144,7 @@ class LatentDiffusionPipeline:
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """The latent grid of an image size, refusing one the codec or the denoiser cannot tile."""
-        latent_h, latent_w = self.codec.latent_size(int(height), int(width))
-        multiple = self.denoiser.latent_size_multiple
-        if latent_h % multiple or latent_w % multiple:
-            step = multiple * self.codec.downsampling_factor
-            raise ValueError(f"denoiser '{self.denoiser.name}' needs latents divisible by {multiple}, so the image size "
-                             f"must be a multiple of {step}; got {height}x{width}")
-        return latent_h, latent_w
+        return latent_size(self.codec, self.denoiser, height, width)
 
     @torch.inference_mode()
     def sample_latents(self, prompts: str | Sequence[str] | None = None, **options: Any) -> torch.Tensor:
@@ -244,6 +238,17 @@ class LatentDiffusionPipeline:
             return latents
         images = self.decode(latents)
         return images if output_type == "tensor" else to_pil(images)
+
+
+def latent_size(codec: Codec, denoiser: Denoiser, height: int, width: int) -> tuple[int, int]:
+    """The latent grid of an image size, refusing one the codec or the denoiser cannot tile."""
+    latent_h, latent_w = codec.latent_size(int(height), int(width))
+    multiple = denoiser.latent_size_multiple
+    if latent_h % multiple or latent_w % multiple:
+        step = multiple * codec.downsampling_factor
+        raise ValueError(f"denoiser '{denoiser.name}' needs latents divisible by {multiple}, so the image size "
+                         f"must be a multiple of {step}; got {height}x{width}")
+    return latent_h, latent_w
 
 
 def _generator(seed: int | None) -> torch.Generator:

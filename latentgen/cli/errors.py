@@ -35,7 +35,7 @@ def message(exc: BaseException) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, LatentgenError) and exc.errno in _OS_FIXES:
         where = f" '{exc.filename}'" if exc.filename else ""
         return f"cannot use{where}: {_OS_FIXES[exc.errno]} ({exc.strerror})"
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) and not isinstance(exc, LatentgenError):
         return ("out of memory: ask for fewer or smaller images (num_images, height, width) or a smaller batch "
                 "(train.*.batch_size with train.*.grad_accumulation)")
     return str(exc)

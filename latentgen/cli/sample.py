@@ -89,13 +89,13 @@ OUTPUTS = ("sample.json", "grid.png", "images", "previews")  # all a run writes
 def accept(config: dict, run_dir: Path) -> SampleAppSettings:
     """Every setting checked, the scheduler built, the checkpoint's format found (from its header) and the
     conditioning files found, and the run directory claimed, before any weight is read or Hydra writes."""
+    settings = app_settings(SampleAppSettings, config)  # before torch is imported: a bad value costs a second
     from latentgen.assembly import build_component
     from latentgen.errors import ConfigError
     from latentgen.formats.dispatch import build_format, check_options, format_for
     from latentgen.registry import available
     from latentgen.run_dir import claim, refuse_finished
 
-    settings = app_settings(SampleAppSettings, config)
     if config.get("scheduler"):
         build_component("scheduler", config["scheduler"])
     reader = format_for(settings.checkpoint, settings.format)
@@ -106,12 +106,47 @@ def accept(config: dict, run_dir: Path) -> SampleAppSettings:
         raise ConfigError(f"format={settings.format}: '{settings.checkpoint}' is not a file of this format (it does "
                           f"not recognise it){hint}")
     check_options(reader, "load", (Path(settings.checkpoint),), _load_options(settings))
+    check_request(settings, reader.config(Path(settings.checkpoint), **_load_options(settings)))
     for key, value in (settings.conditioning or {}).items():
         for path in _as_list(value) or []:
             _map_file(key, path)
     claim(run_dir)
     refuse_finished(run_dir, RESULTS, settings.overwrite, "latentgen-sample run")
     return settings
+
+
+def check_request(settings: SampleAppSettings, config: dict | None) -> None:
+    """The image size and the memory of the request checked against the model a checkpoint's header
+    describes (`CheckpointFormat.config`), before any weight is read. The codec and denoiser are built on the
+    meta device, which allocates nothing; where that or the header cannot tell, the checks run after loading."""
+    if config is None:
+        return
+    import torch
+
+    from latentgen.assembly import build_component
+    from latentgen.devices import resolve_device
+    from latentgen.memory import check_fits, sampling_bytes
+    from latentgen.pipeline import latent_size
+
+    try:
+        with torch.device("meta"):
+            codec, denoiser = (build_component(kind, config.get(kind)) for kind in ("codec", "denoiser"))
+    except Exception:  # a part that needs real memory to be built: checked once loaded
+        return
+    sampling = config.get("sampling") or {}
+    height, width = settings.height or sampling.get("height"), settings.width or sampling.get("width")
+    if not (height and width):
+        return
+    try:
+        latents = latent_size(codec, denoiser, height, width)
+    except ValueError as exc:
+        raise ValueError(f"height={height}, width={width}: {exc}") from None
+    items = len(_as_list(settings.prompt) or _as_list(settings.label) or [None])
+    guidance = settings.guidance_scale if settings.guidance_scale is not None else sampling.get("guidance_scale")
+    needed = sampling_bytes(codec, denoiser, codec.latent_channels, items * settings.num_images, latents, height, width,
+                            guided=guidance != 1.0)
+    check_fits(needed, resolve_device(settings.device),
+               f"num_images={settings.num_images} for {items} prompt(s) or label(s) at {height}x{width}")
 
 
 @hydra.main(config_path="pkg://latentgen.conf", config_name="sample", version_base="1.3")

@@ -84,13 +84,19 @@ def accept(config: dict[str, Any], run_dir: Path, overrides: list[str]) -> None:
     parameters, a directory another process holds, a fresh start into a directory that holds a run without
     overwrite=true."""
     from latentgen.run_dir import claim
-    from latentgen.training.resume import resumed_config
-    from latentgen.training.run import build_parts, check_start, validated_config
 
     resume = requested(config.get("resume"))
-    config = resumed_config(run_dir, overrides, config) if resume else config
-    settings = app_settings(TrainRunSettings, config)
-    build_parts(validated_config(config))  # the components check their own parameters (seconds at most)
+    if resume:
+        from latentgen.training.resume import resumed_config
+
+        config = resumed_config(run_dir, overrides, config)
+    settings = app_settings(TrainRunSettings, config)  # before torch is imported: a bad value costs a second
+    from latentgen.devices import resolve_device
+    from latentgen.training.run import build_parts, check_batches_fit, check_start, validated_config
+
+    config = validated_config(config)
+    dataset, pipe = build_parts(config)  # the components check their own parameters (seconds at most)
+    check_batches_fit(config, dataset, pipe, resolve_device(settings.device))
     claim(run_dir)
     if not resume:
         check_start(run_dir, settings.overwrite)

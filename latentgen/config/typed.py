@@ -50,6 +50,7 @@ def parse(schema: type[T], node: Mapping[str, Any] | None, prefix: str = "") -> 
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+    _refuse_numbers_as_switches(schema, node, prefix)
     structured = OmegaConf.structured(schema)
     try:
         merged = OmegaConf.merge(structured, node or {})
@@ -93,6 +94,19 @@ def check(instance: Any, prefix: str = "") -> None:
     validate = getattr(instance, "validate", None)
     if validate is not None:
         validate(prefix)
+
+
+def _refuse_numbers_as_switches(schema: type, node: Any, prefix: str) -> None:
+    """OmegaConf turns any number into a bool (`tensorboard=2` becomes true); a switch takes true or false."""
+    if not isinstance(node, Mapping):
+        return
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        value, annotation = node.get(field.name), hints[field.name]
+        if dataclasses.is_dataclass(annotation):
+            _refuse_numbers_as_switches(annotation, value, _dotted(prefix, field.name))
+        elif _scalar(annotation) is bool and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise SettingTypeError(f"{_dotted(prefix, field.name)}={value!r}: must be true or false")
 
 
 def as_plain(instance: Any) -> dict[str, Any]:

@@ -17,7 +17,8 @@ class CheckpointFormat(abc.ABC):
     `LatentDiffusionPipeline.from_checkpoint(path)` asks every registered format's `sniff` and loads
     with the one that says yes; `pipeline.save(path, format=name)` writes with the named one. The
     class docstring's first line says which files it reads (`latentgen plugins` and the error for a file
-    no format reads show it). Subclasses implement `sniff` and `load`, and `save` if they can write;
+    no format reads show it). Subclasses implement `sniff` and `load`, `save` if they can write, and `config`
+if they can tell a file's pipeline config from its header;
     `suffixes` names the file extensions it reads, the first being what it writes (for tools and tests:
     `sniff` decides).
     """
@@ -32,6 +33,13 @@ class CheckpointFormat(abc.ABC):
     @abc.abstractmethod
     def load(self, path: Path, **options: Any) -> "LatentDiffusionPipeline":
         """The pipeline stored at `path`; options: `device`, `dtype`, and the format's own."""
+
+    def config(self, path: Path, **options: Any) -> dict[str, Any] | None:
+        """The pipeline config `path` holds (what `LatentDiffusionPipeline.from_config` takes), read from its
+        header alone, so that a request can be checked against the model before any weight is read; None
+        where the format cannot tell cheaply (the default). Takes `load`'s options and ignores those it
+        does not need."""
+        return None
 
     def save(self, pipeline: "LatentDiffusionPipeline", path: Path, **options: Any) -> Path:
         """Write `pipeline` to `path` (atomically: a failed write leaves an existing file intact); the

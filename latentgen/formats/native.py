@@ -53,6 +53,10 @@ class LatentgenFormat(CheckpointFormat):
             optimize_for_inference(pipe, channels_last=False, compile=True)
         return pipe
 
+    def config(self, path: Path, **options: Any) -> dict[str, Any]:
+        """The config stored in the header (the options of `load` change nothing in it)."""
+        return read_checkpoint(path)[0]
+
     def save(self, pipeline: Any, path: Path, metadata: Mapping[str, Any] | None = None) -> Path:
         """Weights, config and component versions in one safetensors file, written atomically; `metadata`
         adds entries to the header (JSON-encoded unless strings)."""

@@ -31,6 +31,14 @@ class StableDiffusionFormat(CheckpointFormat):
         return load_pipeline(path, original_config=original_config, dtype=dtype, device=device, use_ema=use_ema,
                              prediction_type=prediction_type, channels_last=channels_last, compile=compile)
 
+    def config(self, path: Path, original_config: Any = None, prediction_type: str | None = None,
+               **options: Any) -> dict[str, Any] | None:
+        """From a .safetensors header (keys and shapes, or the config latentgen recorded there); None for a
+        .ckpt, whose keys only unpickling it shows."""
+        from latentgen.interop.stable_diffusion import header_config
+
+        return header_config(path, original_config, prediction_type)
+
     def save(self, pipeline: Any, path: Path, dtype: Any = None) -> Path:
         from latentgen.interop.stable_diffusion import save_original
 

@@ -207,6 +207,14 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
     return optimize_for_inference(pipe.eval(), channels_last=channels_last, compile=compile)
 
 
+def header_config(path: str | Path, original_config: str | Path | Mapping[str, Any] | None = None,
+                  prediction_type: str | None = None) -> dict | None:
+    """The pipeline config of an original .safetensors file, from its header alone (None for a .ckpt)."""
+    if safetensors_header(path) is None:
+        return None
+    return _pipeline_config(WeightsFile(path), original_config, prediction_type)
+
+
 def _pipeline_config(weights: WeightsFile, given: str | Path | Mapping[str, Any] | None,
                      prediction_type: str | None) -> dict:
     """latentgen's config for the file: from the inference YAML given, else the one latentgen recorded when

@@ -78,6 +78,11 @@ def check_format(fmt: CheckpointFormat | Callable[[], CheckpointFormat],
             loaded = subject.run(rule, lambda: first.load(written, device="cpu"))
             subject.require(same(_outputs(loaded), expected), rule,
                             "the loaded pipeline computes other samples than the saved one")
+            told = subject.run(rule, lambda: first.config(written))
+            if told is not None:  # optional: the config from the header must be the loaded pipeline's
+                parts = {kind: (told.get(kind) or {}).get("name") for kind in ("codec", "denoiser", "conditioner")}
+                subject.require(parts == {kind: loaded.config[kind]["name"] for kind in parts}, rule,
+                                f"config() tells components {parts}, but the loaded pipeline has others")
         checked.append(rule)
 
     if file is not None:

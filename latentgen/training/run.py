@@ -27,6 +27,7 @@ from latentgen.config.settings import TrainRunSettings, app_settings
 from latentgen.config.typed import as_plain
 from latentgen.errors import ConfigError
 from latentgen.kinds import module_parts
+from latentgen.memory import check_fits, training_bytes
 from latentgen.pipeline import LatentDiffusionPipeline
 from latentgen.run_dir import clear, holding
 from latentgen.training import distributed, rng
@@ -99,6 +100,24 @@ def build_parts(config: Mapping[str, Any]) -> tuple[Any, LatentDiffusionPipeline
         except ValueError as exc:
             raise ConfigError(f"{key}={height}x{width}: {exc}") from None
     return dataset, pipe
+
+
+def check_batches_fit(config: Mapping[str, Any], dataset: Any, pipe: LatentDiffusionPipeline,
+                      device: torch.device) -> None:
+    """Refuse a micro-batch of either stage that cannot fit in `device`'s free memory (latentgen.memory)."""
+    size = getattr(dataset, "image_size", None)
+    if size is None:
+        return
+    latent = pipe.latent_size(size, size)
+    for stage in ("codec", "denoiser"):
+        settings = config["train"][stage]
+        micro = int(settings["batch_size"]) // int(settings["grad_accumulation"])
+        if stage == "codec" and not any(p.requires_grad for p in pipe.codec.parameters()):
+            continue
+        needed = training_bytes(pipe.codec, pipe.denoiser, stage, micro, size, latent)
+        check_fits(needed, device, f"train.{stage}.batch_size={settings['batch_size']} (micro-batches of {micro}) at "
+                                   f"{size}x{size}",
+                   fix=f"lower train.{stage}.batch_size, or raise train.{stage}.grad_accumulation")
 
 
 def check_start(run_dir: Path, overwrite: bool) -> None:

@@ -45,6 +45,7 @@ CASES = [
     ("train", ["train.num_workers=-1"], "train.num_workers=-1"),
     ("train", ["train.precision=fp8"], "train.precision='fp8'"),
     ("train", ["train.tensorboard=maybe"], "train.tensorboard='maybe'"),
+    ("train", ["train.tensorboard=2"], "train.tensorboard=2: must be true or false"),
     # the process and the sampling defaults the checkpoint will carry
     ("train", ["sampling.steps=0"], "sampling.steps=0"),
     ("train", ["sampling.steps=abc"], "sampling.steps='abc'"),
@@ -70,6 +71,9 @@ CASES = [
     ("train", ["denoiser=no_such_denoiser"], "Could not find 'denoiser/no_such_denoiser'"),
     ("train", ["dataset.image_size=30"], "image_size must be a multiple of 8"),
     ("train", ["+denoiser.no_such_option=1"], "has no parameter denoiser.no_such_option"),
+    ("train", ["train.codec.batch_size=100000000"], "train.codec.batch_size=100000000 (micro-batches of 100000000) "
+                                                    "at 16x16 needs at least"),
+    ("train", ["train.denoiser.batch_size=400000000"], "lower train.denoiser.batch_size, or raise"),
     # latentgen-sample
     ("sample", ["num_images=0"], "num_images=0"),
     ("sample", ["num_images=1.5"], "num_images=1.5"),
@@ -81,6 +85,10 @@ CASES = [
     ("sample", ["guidance_scale=-1"], "guidance_scale=-1"),
     ("sample", ["guidance_rescale=2"], "guidance_rescale=2"),
     ("sample", ["height=0"], "height=0"),
+    ("sample", ["height=30"], "height=30, width=16: denoiser 'unet' needs latents divisible by 2"),
+    ("sample", ["height=15"], "height=15, width=16: codec 'kl' downsamples by 2"),
+    ("sample", ["width=18"], "height=16, width=18: denoiser 'unet' needs latents divisible by 2"),
+    ("sample", ["num_images=200000000"], "num_images=200000000 for 1 prompt(s) or label(s) at 16x16 needs at least"),
     ("sample", ["width=-8"], "width=-8"),
     ("sample", ["seed=abc"], "seed='abc'"),
     ("sample", ["dtype=int8"], "dtype='int8'"),

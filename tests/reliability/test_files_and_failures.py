@@ -181,3 +181,24 @@ def test_a_sweep_folder_name_is_never_a_path(value, name):
     if name is not None:
         assert safe == name
     assert safe_name("x" * 400) != safe_name("x" * 399 + "y")  # long names keep a hash of the whole
+
+
+def test_formats_tell_the_pipeline_config_from_the_header_alone(smoke_checkpoint, shared_dir, tmp_path, tripwires,
+                                                                run_app):
+    """What latentgen-sample checks a request against before any weight is read: the config the loaded
+    pipeline has, for latentgen's own files and for the original SD layout."""
+    from latentgen.formats.dispatch import build_format
+
+    native = build_format("latentgen").config(smoke_checkpoint)
+    weights, yaml = shared_dir / "golden" / "sd-tiny-weights.safetensors", shared_dir / "golden" / "sd-tiny-config.yaml"
+    original = build_format("stable_diffusion").config(weights, original_config=yaml)
+    assert tripwires == []  # headers only
+    assert native == LatentDiffusionPipeline.from_checkpoint(smoke_checkpoint).config
+    loaded = LatentDiffusionPipeline.from_checkpoint(weights, original_config=yaml)
+    assert {kind: original[kind]["name"] for kind in ("codec", "denoiser", "conditioner")} == \
+        {kind: loaded.config[kind]["name"] for kind in ("codec", "denoiser", "conditioner")}
+    tripwires.clear()
+    status, lines = run_app("sample", [f"checkpoint={weights}", f"original_config={yaml}", "prompt=a", "height=13",
+                                       f"hydra.run.dir={tmp_path / 'run'}"])
+    assert status == 1 and "height=13" in lines[0] and "multiple of" in lines[0], lines
+    assert tripwires == []  # refused from the header
