@@ -4,8 +4,8 @@ Hydra creates the run directory and records the job in it before the app's funct
 refused a start only there would already have changed an existing run. Each app's `main()` therefore
 composes its config as Hydra will, checks every setting and claims the run directory
 (`latentgen.run_dir`), and only then hands the command line to Hydra, with the run directory it checked
-pinned (its default name holds the time, which moves on). A sweep (`-m`) makes a new directory per job;
-those jobs are checked in the job itself.
+pinned (its default name holds the time, which moves on). With a Hydra flag (a sweep's `-m`, `--help`,
+`--cfg`, `--config-dir`) the app leaves this to the job itself, which runs the same checks.
 """
 
 from __future__ import annotations
@@ -25,10 +25,6 @@ def overrides(args: Sequence[str]) -> list[str]:
 def task_overrides(args: Sequence[str]) -> list[str]:
     """The overrides of the app's own config (not Hydra's `hydra.*` / `hydra/...`)."""
     return [arg for arg in overrides(args) if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
-
-
-def is_multirun(args: Sequence[str]) -> bool:
-    return any(arg in ("-m", "--multirun") for arg in args)
 
 
 def composed(app: str, args: Sequence[str]) -> Any | None:
@@ -53,7 +49,9 @@ def composed(app: str, args: Sequence[str]) -> Any | None:
 def preflight(app: str, args: Sequence[str], check: Callable[[dict[str, Any], Path], None]) -> list[str]:
     """`check(config, run_dir)` on the config the job will get (plain, without Hydra's node), raising a
     LatentgenError to refuse; the command line to give Hydra."""
-    if is_multirun(args):
+    if any(arg.startswith("-") for arg in args):
+        # Hydra's flags: -m makes a new directory per job (checked in the job), --help/--cfg/--info run no job,
+        # and --config-dir/--config-name compose what this composition would not see. The job's own checks stay.
         return list(args)
     config = composed(app, args)
     from omegaconf import OmegaConf, open_dict
