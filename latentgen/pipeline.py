@@ -160,6 +160,7 @@ class LatentDiffusionPipeline:
             raise ValueError("pass height= and width= (this pipeline's config has no default image size)")
         latent_size = self.latent_size(request.height, request.width)
         batch["latent_size"] = latent_size  # for conditioners that resize a map to the latent grid (input_keys.py)
+        batch["image_size"] = (request.height, request.width)  # for SDXL's size conditioning
         self._check_memory(batch_size, latent_size, request)
         masks = None if request.mask is None else mask_batch(request.mask, batch_size, request.height, request.width,
                                                              self.codec_device)

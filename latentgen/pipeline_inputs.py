@@ -133,7 +133,8 @@ def _conditioning_inputs(conditioner: Conditioner, conditioning: Mapping[str, An
             raise ValueError(f"conditioning['{key}'] was given but conditioner '{conditioner.name}' reads only "
                              f"{list(reads) or 'nothing'}; drop it, or load a model whose conditioner reads '{key}'")
     for key in reads:
-        if not filled_by_pipeline(key) and conditioning.get(key) is None:
+        optional = key in INPUT_KEYS and INPUT_KEYS[key].optional
+        if not filled_by_pipeline(key) and not optional and conditioning.get(key) is None:
             raise ValueError(
                 f"conditioner '{conditioner.reader_of(key)}' needs the input '{key}', which was not given: pass "
                 f"conditioning={{'{key}': <PIL image or tensor (B, C, H, W)>}} to the pipeline "
@@ -194,6 +195,11 @@ def _as_conditioning(key: str, value: Any) -> torch.Tensor | list:
             arrays = np.stack([np.asarray(picture, dtype=np.float32) for picture in pictures])[:, None]
             return torch.from_numpy(arrays) / 127.5 - 1
         return from_pil(pictures)
+    if key in INPUT_KEYS and INPUT_KEYS[key].value == "numbers":  # (768, 1344): one row for every item
+        numbers = torch.as_tensor(value, dtype=torch.float32)
+        if not bool(torch.isfinite(numbers).all()):
+            raise ValueError(f"conditioning['{key}'] holds NaN or infinite values; pass finite numbers")
+        return numbers.reshape(1, -1) if numbers.ndim < 2 else numbers
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) and v.ndim in (3, 4) for v in value):

@@ -24,16 +24,29 @@ class CLIPTextConditioner(Conditioner):
 
     layout "clip" is SD v1's tower (attribute `transformer`, keys as `cond_stage_model.transformer.*`),
     "openclip" SD v2's (attribute `model`, keys as `cond_stage_model.model.*`). `layer` "last" is the
-    SD v1 convention, "penultimate" SD v2's; either way the tower's final layer norm is applied.
-    `pad_id` and `hidden_act` default to the layout's own (49407 and quick_gelu for "clip", 0 and
-    gelu for "openclip"). Defaults otherwise build CLIP ViT-L/14's text tower.
+    SD v1 convention, "penultimate" SD v2's and SDXL's; `final_norm=False` leaves the tower's final layer
+    norm off that layer's output (SDXL). `pooled=True` ("openclip" only) also gives "vector" (B,
+    projection_dim): the final-normed end-of-text token of the last layer through `text_projection`
+    (SDXL's pooled text embedding). `zero_unconditional=True` makes the unconditional output zeros
+    instead of the encoding of "" (what SDXL base's sampling does). `pad_id` and `hidden_act` default to the
+    layout's own (49407 and quick_gelu for "clip", 0 and gelu for "openclip"). Defaults otherwise build
+    CLIP ViT-L/14's text tower.
     """
 
     def __init__(self, layout: str = "clip", context_dim: int = 768, layers: int = 12, heads: int = 12,
                  intermediate_size: int | None = None, vocab_size: int = 49408, max_length: int = 77,
                  hidden_act: str | None = None, layer: str = "last", pad_id: int | None = None,
-                 dropout: float = 0.1, input_key: str = "prompt"):
+                 dropout: float = 0.1, input_key: str = "prompt", final_norm: bool = True, pooled: bool = False,
+                 projection_dim: int | None = None, zero_unconditional: bool = False):
         super().__init__()
+        if (pooled or projection_dim is not None) and layout != "openclip":
+            raise ValueError(f"conditioner '{self.name}': pooled and projection_dim need layout 'openclip' (its "
+                             f"text_projection); got layout '{layout}'")
+        if projection_dim is not None and int(projection_dim) < 1:
+            raise ValueError(f"conditioner '{self.name}': projection_dim must be a positive integer; got "
+                             f"{projection_dim}")
+        self.final_norm, self.pooled, self.zero_unconditional = bool(final_norm), bool(pooled), bool(zero_unconditional)
+        self.projection_dim = int(projection_dim) if projection_dim is not None else int(context_dim)
         width = context_dim  # the tower's width is the width of the tokens it gives cross-attention
         self._check_options(layout, width, layers, heads, intermediate_size, vocab_size, max_length,
                             hidden_act, layer, dropout)
@@ -53,7 +66,7 @@ class CLIPTextConditioner(Conditioner):
                                                    hidden_act)
         else:
             self.model = OpenCLIPTextTower(vocab_size, width, layers, heads, intermediate_size / width, max_length,
-                                           embed_dim=width, hidden_act=hidden_act)
+                                           embed_dim=self.projection_dim, hidden_act=hidden_act)
 
     def _check_options(self, layout: str, width: int, layers: int, heads: int, intermediate_size: int | None,
                        vocab_size: int, max_length: int, hidden_act: str | None, layer: str, dropout: float) -> None:
@@ -92,23 +105,33 @@ class CLIPTextConditioner(Conditioner):
 
     @property
     def outputs(self) -> dict[str, int]:
-        return {"crossattn": self.width}
+        return {"crossattn": self.width, **({"vector": self.projection_dim} if self.pooled else {})}
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> token ids (B, max_length) on the module's device."""
         return self.tokenizer(prompts).to(self.device)
 
     def encode_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, max_length) -> the final-layer-normed hidden state of `layer` (B, max_length, width)."""
+        """Token ids (B, max_length) -> the hidden state of `layer` (B, max_length, width), final-normed
+        unless `final_norm` is off."""
+        return self.encode(input_ids)["crossattn"]
+
+    def encode(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Token ids (B, max_length) -> this conditioner's outputs: "crossattn", and "vector" when `pooled`."""
         if input_ids.device.type != "meta" and input_ids.numel():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(f"conditioner '{self.name}': token ids must lie in 0..{self.vocab_size - 1} "
                                  f"(vocab_size); got ids {low}..{high}")
-        tower = self.tower
-        hidden = tower(input_ids.to(self.device), layer=LAYERS[self.layer])  # (B, L, D)
+        tower, input_ids = self.tower, input_ids.to(self.device)
         norm = tower.final_layer_norm if self.layout == "clip" else tower.ln_final
-        return norm(hidden)
+        if self.pooled:  # one pass to the last layer, keeping `layer`'s output on the way
+            hidden, last = tower(input_ids, layer=LAYERS[self.layer], return_last=True)
+            end = norm(last)[torch.arange(last.shape[0], device=last.device), input_ids.argmax(dim=-1)]  # EOS
+            outputs = {"vector": end @ tower.text_projection}  # (B, projection_dim)
+        else:
+            hidden, outputs = tower(input_ids, layer=LAYERS[self.layer]), {}  # (B, L, D)
+        return {"crossattn": norm(hidden) if self.final_norm else hidden, **outputs}
 
     def _prompts(self, batch: Mapping[str, Any]) -> list[str]:
         self.check_inputs(batch)
@@ -116,10 +139,12 @@ class CLIPTextConditioner(Conditioner):
         return [prompts] if isinstance(prompts, str) else list(prompts)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return {"crossattn": self.encode_ids(self.tokenize(self._prompts(batch)))}  # (B, L, D)
+        return self.encode(self.tokenize(self._prompts(batch)))  # crossattn (B, L, D) [, vector (B, P)]
 
     def unconditional(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """The encoding of the empty prompt for every item (what SD uses for classifier-free guidance)."""
+        """The encoding of the empty prompt for every item (what SD uses for classifier-free guidance), or
+        zeros of the same shapes with `zero_unconditional`."""
         count = len(self._prompts(batch))
-        empty = self.encode_ids(self.tokenize([""]))  # (1, L, D)
-        return {"crossattn": empty.repeat(count, 1, 1)}  # (B, L, D)
+        empty = self.encode(self.tokenize([""]))  # each (1, ...)
+        return {key: (torch.zeros_like(value) if self.zero_unconditional else value).repeat(count, *[1] * (value.ndim - 1))
+                for key, value in empty.items()}

@@ -18,6 +18,8 @@ VALUES = {
     "mask": "float (B, 1, H, W) in [0, 1], 1 = repaint",
     "latents": "float (B, C, h, w), scaled like the codec's",
     "size": "(h, w): the latent grid of the request",
+    "pixels": "(H, W): the image size of the request",
+    "numbers": "float (B, N): N numbers per item (one row for all items, or one per image)",
 }
 
 
@@ -31,6 +33,8 @@ class InputKey:
     # A conditioner that reads this input applies the request's mask itself (an inpainting model), so the
     # pipeline does not also blend latents outside the mask.
     applies_mask: bool = False
+    # Given through `conditioning=` when the user wants; the conditioner that reads it has a default.
+    optional: bool = False
 
 
 INPUT_KEYS: dict[str, InputKey] = {key.name: key for key in (
@@ -41,6 +45,12 @@ INPUT_KEYS: dict[str, InputKey] = {key.name: key for key in (
     InputKey("mask", "mask", filled_from="image=... and mask=...", applies_mask=True),
     InputKey("masked_image_latents", "latents", filled_from="image=... and mask=...", applies_mask=True),
     InputKey("latent_size", "size", filled_from="height= and width="),
+    InputKey("image_size", "pixels", filled_from="height= and width="),
+    # SDXL's micro-conditioning (latentgen.conditioners.fourier_numbers): (height, width), (top, left), a score.
+    InputKey("original_size", "numbers", optional=True),
+    InputKey("crop_top_left", "numbers", optional=True),
+    InputKey("target_size", "numbers", optional=True),
+    InputKey("aesthetic_score", "numbers", optional=True),
 )}
 
 

@@ -143,6 +143,7 @@ class UNet(Denoiser):
         legacy: bool = False,
     ) -> None:
         super().__init__()
+        context_dim = _one_context_dim(context_dim)
         _check_options(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
                        context_dim=context_dim, vector_dim=vector_dim, norm_groups=norm_groups,
                        channel_mult=channel_mult, dropout=dropout, num_heads=num_heads,
@@ -278,6 +279,17 @@ class UNet(Denoiser):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)
+
+
+def _one_context_dim(context_dim: int | Sequence[int] | None) -> int | None:
+    """The original also takes a list, one width per transformer layer (the SDXL refiner's [1280] * 4); every
+    file it released has them equal, which is the one width this UNet builds."""
+    if isinstance(context_dim, (list, tuple)):
+        if not context_dim or len(set(context_dim)) != 1:
+            raise ValueError(f"unet: context_dim as a list must repeat one width (one per transformer layer, as the "
+                             f"original's); got {list(context_dim)}")
+        return context_dim[0]
+    return context_dim
 
 
 def _check_options(channel_mult: Sequence[int], dropout: float, num_heads: int, num_head_channels: int,

@@ -145,13 +145,17 @@ class CLIPTextTransformer(nn.Module):
                            block.self_attn.out_proj, block.mlp.fc1, block.mlp.fc2):
                 nn.init.zeros_(linear.bias)
 
-    def forward(self, input_ids: torch.Tensor, layer: int = -1) -> torch.Tensor:
-        """Hidden state (B, L, D) after block `layer` (-1 last, -2 penultimate), before `final_layer_norm`."""
+    def forward(self, input_ids: torch.Tensor, layer: int = -1, return_last: bool = False):
+        """Hidden state (B, L, D) after block `layer` (-1 last, -2 penultimate), before `final_layer_norm`; with
+        `return_last`, (that state, the last block's output) from one pass."""
         if input_ids.shape[1] > self.max_position_embeddings:
             raise ValueError(f"CLIP text transformer: {input_ids.shape[1]} tokens exceed the "
                              f"{self.max_position_embeddings} positions")
         count = check_layer_index(layer, len(self.encoder.layers), "CLIP text transformer")
         x = self.embeddings(input_ids)  # (B, L, D)
-        for block in self.encoder.layers[:count]:
+        blocks = self.encoder.layers
+        for index, block in enumerate(blocks if return_last else blocks[:count]):
             x = block(x)
-        return x
+            if index + 1 == count:
+                chosen = x
+        return (chosen, x) if return_last else x

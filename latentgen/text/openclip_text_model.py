@@ -110,13 +110,17 @@ class OpenCLIPTextTower(nn.Module):
         nn.init.normal_(self.text_projection, std=width ** -0.5)
         self.logit_scale.fill_(math.log(1 / 0.07))
 
-    def forward(self, input_ids: torch.Tensor, layer: int = -1) -> torch.Tensor:
-        """Hidden state (B, L, width) after block `layer` (-1 last, -2 penultimate), before `ln_final`."""
+    def forward(self, input_ids: torch.Tensor, layer: int = -1, return_last: bool = False):
+        """Hidden state (B, L, width) after block `layer` (-1 last, -2 penultimate), before `ln_final`; with
+        `return_last`, (that state, the last block's output) from one pass."""
         length = input_ids.shape[1]
         if length > self.context_length:
             raise ValueError(f"OpenCLIP text tower: {length} tokens exceed the context of {self.context_length}")
         count = check_layer_index(layer, len(self.transformer.resblocks), "OpenCLIP text tower")
         x = self.token_embedding(input_ids) + self.positional_embedding[:length]  # (B, L, D)
-        for block in self.transformer.resblocks[:count]:
+        blocks = self.transformer.resblocks
+        for index, block in enumerate(blocks if return_last else blocks[:count]):
             x = block(x)
-        return x
+            if index + 1 == count:
+                chosen = x
+        return (chosen, x) if return_last else x

@@ -24,7 +24,8 @@ TINY = ["experiment=smoke"]
 # Options that only make sense with a matching partner (an inpainting denoiser for the masked image).
 PARTNERS = {("conditioner", "masked_image"): ["denoiser.in_channels=9", "+denoiser.concat_channels=5"],
             ("conditioner", "concat_image"): ["denoiser.in_channels=7", "+denoiser.concat_channels=3"],
-            ("conditioner", "text_low_res"): ["denoiser.in_channels=7", "+denoiser.concat_channels=3"]}
+            ("conditioner", "text_low_res"): ["denoiser.in_channels=7", "+denoiser.concat_channels=3"],
+            ("conditioner", "fourier_numbers"): ["denoiser.vector_dim=512"]}  # (height, width) x 256
 # The paper's DiT sizes (33M to 675M parameters) are composed as they are but built one narrow block deep,
 # patch size kept (tests/denoisers/test_dit.py checks each preset's parameter count).
 PARTNERS.update({("denoiser", name): ["denoiser.depth=1", "denoiser.hidden_size=32", "denoiser.num_heads=2"]

@@ -49,6 +49,8 @@ SMALL_PARAMS = {
     ("conditioner", "clip_text"): dict(context_dim=32, layers=1, heads=2, vocab_size=1000),
     ("conditioner", "masked_image"): dict(latent_channels=4),
     ("conditioner", "concat_image"): dict(channels=3, input_key="image"),  # an input the contract suite fills
+    ("conditioner", "fourier_numbers"): dict(input_key="aesthetic_score", count=1, dim=8, default=[6.0],
+                                             unconditional=[2.5]),
     ("conditioner", "stack"): dict(conditioners=[{"name": "class_label", "num_classes": 3, "vector_dim": 8},
                                                  {"name": "masked_image"}]),
     ("scheduler", "ddim"): {},
