@@ -198,6 +198,19 @@ def mismatch_report(missing: list[str], unexpected: list[str], mismatched: list[
     return "; ".join(parts)
 
 
+def materialise_empty_buffers(module: torch.nn.Module, what: str) -> None:
+    """After a module built on the meta device got its weights: its non-persistent buffers are still on meta.
+    Empty ones (placeholders that follow .to()) are made real; one with content cannot be recreated there."""
+    for owner in module.modules():
+        for name, buffer in list(owner._buffers.items()):
+            if buffer is None or not buffer.is_meta:
+                continue
+            if buffer.numel():
+                raise CheckpointError(f"the {what} keeps a computed buffer '{name}' ({tuple(buffer.shape)}) that a "
+                                      f"loader building on the meta device cannot recreate; make it persistent")
+            owner._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype)
+
+
 def load_module_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, path: Path) -> None:
     """load_state_dict(strict) with an error that names the first offending keys and shapes."""
     own = module.state_dict()

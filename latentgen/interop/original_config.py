@@ -89,8 +89,6 @@ def _unet_params(params: Mapping[str, Any], conditioning_key: str, latent_channe
             raise ConfigError(f"unet_config.params.{option}={params[option]!r} is not implemented by the native "
                               f"'unet' (only {off!r})")
     unet = {key: params[key] for key in _UNET_SAME if key in params}
-    if isinstance(unet.get("context_dim"), list):
-        raise ConfigError("a per-level list of context_dim is not implemented by the native 'unet'")
     if "adm_in_channels" in params:
         unet["vector_dim"] = params["adm_in_channels"]
     extra = int(unet.get("in_channels", 4)) - latent_channels
@@ -148,8 +146,21 @@ def _conditioner_params(cond_stage: Mapping[str, Any]) -> dict:
     return text
 
 
+def config_family(original: Mapping[str, Any]) -> str | None:
+    """Which original code base an inference config is for: "ldm" (SD v1/v2: `unet_config`), "sgm" (SDXL:
+    `network_config`), or None."""
+    params = (original.get("model") or {}).get("params") if isinstance(original.get("model"), Mapping) else None
+    if not isinstance(params, Mapping):
+        return None
+    return "ldm" if "unet_config" in params else "sgm" if "network_config" in params else None
+
+
 def pipeline_config(original: Mapping[str, Any], prediction_type: str | None = None) -> dict:
     """latentgen's pipeline config for an original inference config."""
+    if config_family(original) == "sgm":
+        raise ConfigError("the original config is an SDXL (sgm) inference YAML, but the checkpoint is a Stable "
+                          "Diffusion v1/v2 file (no conditioner.embedders.* keys); give its LDM YAML as "
+                          "original_config, or none for a standard v1/v2 file")
     try:
         params = original["model"]["params"]
         unet, vae, cond = (params["unet_config"]["params"], params["first_stage_config"]["params"],

@@ -23,7 +23,8 @@ from typing import Any, Mapping
 import torch
 
 from latentgen.assembly import build_component
-from latentgen.checkpoint import CONFIG_KEY, float_weight_problems, mismatch_report, safetensors_header, save_tensors
+from latentgen.checkpoint import (CONFIG_KEY, float_weight_problems, materialise_empty_buffers, mismatch_report,
+                                  safetensors_header, save_tensors)
 from latentgen.errors import CheckpointError, ConfigError
 from latentgen.fast_path import optimize_for_inference
 from latentgen.interop.original_config import pipeline_config, read_original_config, standard_config
@@ -185,6 +186,7 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
                                   f"{wrong[:3]}); the file is corrupt or was converted wrongly")
         state = {name: weights.tensor(key, dtype) for name, key in located.items()}
         module.load_state_dict(state, strict=True, assign=True)
+        materialise_empty_buffers(module, kind)
         source.origin.update({f"{kind}.{name}": key for name, key in located.items()})
 
     used = set(source.origin.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -21,12 +22,16 @@ _FOREIGN = {
 
 
 def _outputs(pipe: Any) -> dict[str, torch.Tensor]:
-    """What a pipeline computes, on fixed inputs: a short seeded sample, as latents."""
+    """What a pipeline computes, on fixed inputs: a short seeded sample at a small size, as latents."""
     reads = pipe.conditioner.input_keys
     prompts = ["a red circle", "a blue star"] if "prompt" in reads else None
     labels = [0, 1] if "label" in reads and prompts is None else None
     num_images = 1 if prompts or labels else 2
-    size = (pipe.sampling.get("height") or 16, pipe.sampling.get("width") or 16)
+    # The smallest size the codec and denoiser take (at least 16 pixels), not the pipeline's default:
+    # an SDXL pipeline's 1024x1024 would make a format's check take minutes.
+    step = int(pipe.codec.downsampling_factor) * int(pipe.denoiser.latent_size_multiple)
+    side = step * math.ceil(16 / step)
+    size = (side, side)
     latents = pipe(prompts, labels=labels, num_images=num_images, steps=2, seed=0, height=size[0], width=size[1],
                    output_type="latent")
     return {"latents": latents.float()}

@@ -51,8 +51,18 @@ def _sd_tiny_pipeline(shared_dir):
     return LatentDiffusionPipeline.from_config(pipeline_config(original))
 
 
+def _sdxl_tiny_pipeline(shared_dir):
+    """The tiny SDXL base of ../shared/golden, from its sgm config (random weights: the suite saves what it built)."""
+    from latentgen.interop.original_config import read_original_config
+    from latentgen.interop.sgm_config import sgm_pipeline_config
+    from latentgen.pipeline import LatentDiffusionPipeline
+
+    return LatentDiffusionPipeline.from_config(
+        sgm_pipeline_config(read_original_config(shared_dir / "golden" / "sdxl-tiny-config.yaml")))
+
+
 # A pipeline each built-in format can hold, for its save-and-load rule.
-FORMAT_PIPELINES = {"latentgen": _smoke_pipeline, "stable_diffusion": _sd_tiny_pipeline}
+FORMAT_PIPELINES = {"latentgen": _smoke_pipeline, "stable_diffusion": _sd_tiny_pipeline, "sdxl": _sdxl_tiny_pipeline}
 
 
 def registered() -> list[tuple[str, str]]:

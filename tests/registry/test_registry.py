@@ -71,6 +71,7 @@ SMALL_PARAMS = {
     ("dataset", "image_folder"): dict(path=str(Path(__file__).parents[1] / "data" / "image_folder"), image_size=16),
     ("format", "latentgen"): {},
     ("format", "stable_diffusion"): {},
+    ("format", "sdxl"): {},
 }
 
 CORE_VERSION = importlib.metadata.version("latentgen")
