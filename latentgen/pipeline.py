@@ -31,6 +31,7 @@ from latentgen.imaging import to_pil
 from latentgen.kinds import kind, module_parts, pipeline_parts
 from latentgen.memory import check_fits, sampling_bytes
 from latentgen.pipeline_inputs import Request, conditioner_batch, image_batch, mask_batch
+from latentgen.pipeline_refiner import Refinement, check_start
 
 __all__ = ["LatentDiffusionPipeline", "build_component", "component_config"]
 
@@ -59,12 +60,9 @@ class LatentDiffusionPipeline:
         check_compatible(self.codec, self.denoiser, self.conditioner)
         self.diffusion = as_plain(parse(DiffusionSettings, to_plain(diffusion), "diffusion"))
         self.sampling = as_plain(parse(SamplingDefaults, to_plain(sampling), "sampling"))
-        self.schedule = DiscreteNoiseSchedule.from_betas(
-            self.diffusion["noise_schedule"], self.diffusion["num_timesteps"], self.diffusion["beta_start"],
-            self.diffusion["beta_end"])
-        if self.diffusion["zero_terminal_snr"]:
-            self.schedule = self.schedule.rescaled_to_zero_terminal_snr()
-        self.model = DiscreteTimeDenoiser(self.denoiser, self.schedule, self.diffusion["prediction_type"])
+        self.schedule = DiscreteNoiseSchedule.from_settings(self.diffusion)
+        self.model = DiscreteTimeDenoiser(self.denoiser, self.schedule, self.diffusion["prediction_type"],
+                                          self.diffusion["trained_timesteps"])
 
     # ---- construction and checkpoints ---------------------------------------------------------
 
@@ -150,7 +148,12 @@ class LatentDiffusionPipeline:
     def sample_latents(self, prompts: str | Sequence[str] | None = None, **options: Any) -> torch.Tensor:
         """Scaled latents (B, C, h, w) for the given prompts/labels; the options are `__call__`'s."""
         request = Request.of(options, self.sampling)
-        batch = self.inputs(prompts, request.labels, request.num_images, request.conditioning)
+        if request.refiner is not None and not isinstance(request.refiner, LatentDiffusionPipeline):
+            raise TypeError(f"refiner={request.refiner!r:.80}: must be a LatentDiffusionPipeline (load a file with "
+                            f"LatentDiffusionPipeline.from_checkpoint(path))")
+        refinement = Refinement(self, request) if request.refiner is not None else None
+        conditioning = request.conditioning if refinement is None else refinement.base_conditioning
+        batch = self.inputs(prompts, request.labels, request.num_images, conditioning)
         batch_size = len(next(iter(batch.values()))) if batch else request.num_images
         images = None
         if request.image is not None:
@@ -167,14 +170,20 @@ class LatentDiffusionPipeline:
         model_applies_mask = self._fill_mask_inputs(batch, images, masks)
         generator = request.generator or _generator(request.seed)
         denoise = self._guided(batch, request)
-        sigmas = sigma_grid(self.schedule, request.steps, request.grid, request.spacing,
-                            float(self.sampling["rho"])).to(self.device)
+        grid = sigma_grid(self.schedule, request.steps, request.grid, request.spacing,
+                          float(self.sampling["rho"])).to(self.device)
+        sigmas = grid if images is None else img2img_sigmas(grid, request.strength)
+        if refinement is None:
+            check_start(self.model, grid, float(sigmas[0]), None if images is None else f"strength={request.strength}")
+        else:  # the refiner takes the noise levels below the switch
+            denoise, refiner_applies_mask = refinement.experts(denoise, prompts, request, batch, batch_size, grid,
+                                                               float(sigmas[0]), images, masks)
+            model_applies_mask = model_applies_mask and refiner_applies_mask
         # Noise is drawn on the CPU generator so a seed means the same image on every device.
         noise = torch.randn((batch_size, self.codec.latent_channels, *latent_size), generator=generator).to(self.device)
         known = repaint = None
         if images is not None:
             known = self.codec.encode(images).float().to(self.device)
-            sigmas = img2img_sigmas(sigmas, request.strength)
             if masks is not None and not model_applies_mask:
                 repaint = latent_mask(masks, latent_size).to(self.device)
         return sample(denoise, self.scheduler, sigmas, noise, known=known, repaint=repaint, generator=generator,
@@ -230,7 +239,8 @@ class LatentDiffusionPipeline:
         width, grid ("discrete", "karras", "exponential") and spacing, callback; `image` (PIL or (B, 3, H, W) tensor) with `strength` for img2img, and `mask`
         (white / 1 = repaint) with it for inpainting; `conditioning` for the conditioner's other inputs, e.g.
         `conditioning={"low_res": pil_image}` for a super-resolution model (see `inputs`). `output_type` "pil"
-        (default), "tensor" ((B, 3, H, W) in [-1, 1]) or "latent".
+        (default), "tensor" ((B, 3, H, W) in [-1, 1]) or "latent". `refiner`: a second pipeline in the same latent
+        space that denoises the grid after the fraction `refiner_switch` (default 0.8), as SDXL's refiner does.
         """
         if output_type not in ("pil", "tensor", "latent"):
             raise ValueError(f"output_type must be 'pil', 'tensor' or 'latent'; got {output_type!r}")

@@ -44,6 +44,8 @@ class Request:
     mask: Any = None
     conditioning: Mapping[str, Any] | None = None
     callback: Callable[[dict], None] | None = None
+    refiner: Any = None
+    refiner_switch: float | None = None
 
     @classmethod
     def of(cls, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> "Request":
@@ -66,6 +68,8 @@ class Request:
             raise TypeError(f"generator={request.generator!r}: must be a torch.Generator (or pass seed=<int>)")
         if request.callback is not None and not callable(request.callback):
             raise TypeError(f"callback={request.callback!r}: must be callable, called with a dict after each step")
+        if request.refiner_switch is not None and request.refiner is None:
+            raise ValueError("refiner_switch was given without a refiner: pass refiner=<a pipeline> as well, or drop it")
         if request.mask is not None and request.image is None:
             raise ValueError("a mask needs the image it applies to: pass image=... as well")
         request.strength = request.strength if request.strength is not None else 1.0 if request.mask is not None else 0.8

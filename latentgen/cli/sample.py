@@ -46,6 +46,14 @@ def _load_map(key: str, path: str):
         return image if image.mode in ("L", "RGB") else image.convert("RGB")
 
 
+def _load_picture(path: str, mode: str):
+    """img2img's image (RGB) or inpainting's mask (L) from a file."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert(mode)
+
+
 def _conditioning(node) -> dict:
     """conditioning.<key>=path (or a list of paths) -> {key: PIL image(s) or tensor} for the pipeline."""
     loaded = {}
@@ -56,25 +64,28 @@ def _conditioning(node) -> dict:
     return loaded
 
 
-def _load_options(settings: SampleAppSettings) -> dict:
-    """What the checkpoint format's `load` is given."""
+def _load_options(settings: SampleAppSettings, refiner: bool = False) -> dict:
+    """What the checkpoint format's `load` is given (for the refiner's file: its own original_config)."""
     import torch
 
     from latentgen.devices import resolve_device
 
     options = {"device": resolve_device(settings.device),
                "dtype": getattr(torch, settings.dtype) if settings.dtype is not None else None}
-    if settings.original_config is not None:  # only formats of original files take it
-        options["original_config"] = settings.original_config
+    original_config = settings.refiner_original_config if refiner else settings.original_config
+    if original_config is not None:  # only formats of original files take it
+        options["original_config"] = original_config
     return options
 
 
-def load(settings: SampleAppSettings, scheduler: object = None) -> object:
-    """The checkpoint as a pipeline, through whichever registered format reads it; then the speed-ups asked for."""
+def load(settings: SampleAppSettings, scheduler: object = None, refiner: bool = False) -> object:
+    """The checkpoint (or the refiner's) as a pipeline, through whichever registered format reads it; then the
+    speed-ups asked for."""
     from latentgen.pipeline import LatentDiffusionPipeline
 
-    pipe = LatentDiffusionPipeline.from_checkpoint(settings.checkpoint, format=settings.format, scheduler=scheduler,
-                                                   **_load_options(settings))
+    path, format = (settings.refiner, None) if refiner else (settings.checkpoint, settings.format)
+    pipe = LatentDiffusionPipeline.from_checkpoint(path, format=format, scheduler=scheduler,
+                                                   **_load_options(settings, refiner))
     if settings.compile:
         from latentgen.fast_path import optimize_for_inference
 
@@ -106,7 +117,20 @@ def accept(config: dict, run_dir: Path) -> SampleAppSettings:
         raise ConfigError(f"format={settings.format}: '{settings.checkpoint}' is not a file of this format (it does "
                           f"not recognise it){hint}")
     check_options(reader, "load", (Path(settings.checkpoint),), _load_options(settings))
-    check_request(settings, reader.config(Path(settings.checkpoint), **_load_options(settings)))
+    for key in ("image", "mask"):
+        if getattr(settings, key) is not None and not Path(getattr(settings, key)).is_file():
+            raise FileNotFoundError(f"{key}: no file '{getattr(settings, key)}'; give the path of an image")
+    config = reader.config(Path(settings.checkpoint), **_load_options(settings))
+    check_request(settings, config)
+    refiner_config = None
+    if settings.refiner is not None:
+        if not Path(settings.refiner).exists():
+            raise FileNotFoundError(f"refiner: no file '{settings.refiner}'; give the path of the refiner's checkpoint")
+        refiner = format_for(settings.refiner)
+        check_options(refiner, "load", (Path(settings.refiner),), _load_options(settings, refiner=True))
+        refiner_config = refiner.config(Path(settings.refiner), **_load_options(settings, refiner=True))
+        check_request(settings, refiner_config)
+    check_noise_levels(settings, config, refiner_config)
     for key, value in (settings.conditioning or {}).items():
         for path in _as_list(value) or []:
             _map_file(key, path)
@@ -149,6 +173,52 @@ def check_request(settings: SampleAppSettings, config: dict | None) -> None:
                f"num_images={settings.num_images} for {items} prompt(s) or label(s) at {height}x{width}")
 
 
+def check_noise_levels(settings: SampleAppSettings, config: dict | None, refiner_config: dict | None) -> None:
+    """From the headers' configs: a refiner is not sampled from pure noise, shares the base's latent space and
+    gets only the noise levels it was trained on (`latentgen.pipeline_refiner`). Where a header cannot tell, the
+    pipeline checks the same once loaded."""
+    if config is None or (settings.refiner is not None and refiner_config is None):
+        return
+    import torch
+
+    from latentgen.assembly import build_component
+    from latentgen.config.settings import DiffusionSettings, SamplingDefaults
+    from latentgen.config.typed import as_plain, parse
+    from latentgen.diffusion.noise_schedule import DiscreteNoiseSchedule
+    from latentgen.diffusion.prediction import DiscreteTimeDenoiser
+    from latentgen.diffusion.sigma_grids import sigma_grid
+    from latentgen.pipeline_refiner import check_same_latent_space, check_start, switch_sigma
+
+    def model(of: dict) -> DiscreteTimeDenoiser:  # the sigma-space model without its network
+        diffusion = as_plain(parse(DiffusionSettings, of.get("diffusion"), "diffusion"))
+        return DiscreteTimeDenoiser(None, DiscreteNoiseSchedule.from_settings(diffusion), diffusion["prediction_type"],
+                                    diffusion["trained_timesteps"])
+
+    sampling = as_plain(parse(SamplingDefaults, config.get("sampling"), "sampling"))
+    base = model(config)
+    grid = sigma_grid(base.schedule, settings.steps or sampling["steps"], settings.grid or sampling["grid"],
+                      sampling["spacing"], sampling["rho"])
+    img2img = None
+    if settings.image is not None:
+        from latentgen.diffusion.sampling import img2img_sigmas
+
+        strength = settings.strength if settings.strength is not None else 1.0 if settings.mask is not None else 0.8
+        img2img, start = f"strength={strength}", float(img2img_sigmas(grid, strength)[0])
+    else:
+        start = float(grid[0])
+    if refiner_config is None:
+        check_start(base, grid, start, img2img)
+        return
+    try:
+        with torch.device("meta"):
+            codecs = [build_component("codec", of.get("codec")) for of in (config, refiner_config)]
+    except Exception:  # a codec that needs real memory to be built: checked once loaded
+        codecs = None
+    if codecs:
+        check_same_latent_space(*codecs)
+    switch_sigma(grid, settings.refiner_switch, start, base, model(refiner_config), img2img)
+
+
 @hydra.main(config_path="pkg://latentgen.conf", config_name="sample", version_base="1.3")
 def _sample(cfg: DictConfig) -> None:
     from latentgen.config.containers import to_plain
@@ -164,7 +234,11 @@ def _sample(cfg: DictConfig) -> None:
 
         scheduler = build_component("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
         conditioning = _conditioning(settings.conditioning)  # a missing map fails before the weights are read
+        start = {key: _load_picture(getattr(settings, key), mode) for key, mode in (("image", "RGB"), ("mask", "L"))
+                 if getattr(settings, key) is not None}
         pipe = load(settings, scheduler)
+        refiner = {"refiner": load(settings, refiner=True), "refiner_switch": settings.refiner_switch} \
+            if settings.refiner is not None else {}
         prompts, labels = _as_list(settings.prompt), _as_list(settings.label)
         height, width = settings.height or pipe.sampling["height"], settings.width or pipe.sampling["width"]
         if height and width:  # before anything runs: a size the codec or denoiser cannot tile
@@ -179,7 +253,7 @@ def _sample(cfg: DictConfig) -> None:
         images = pipe(prompts, labels=labels, negative_prompts=settings.negative_prompt, num_images=settings.num_images,
                       steps=steps, guidance_scale=settings.guidance_scale, guidance_rescale=settings.guidance_rescale,
                       grid=settings.grid, seed=settings.seed, height=settings.height, width=settings.width,
-                      conditioning=conditioning, callback=callback)
+                      conditioning=conditioning, callback=callback, strength=settings.strength, **start, **refiner)
         captions = [str(c) for c in (prompts or labels or [""]) for _ in range(settings.num_images)][: len(images)]
         out = run_dir / "images"  # file names are numbers: nothing of a prompt becomes a path
         out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +263,8 @@ def _sample(cfg: DictConfig) -> None:
              labels=captions if any(captions) else None).save(run_dir / "grid.png")
         (run_dir / "sample.json").write_text(json.dumps({
             "checkpoint": str(settings.checkpoint), "scheduler": pipe.scheduler.name, "seed": settings.seed,
+            **({"image": settings.image, "mask": settings.mask, "strength": settings.strength} if start else {}),
+            **({"refiner": str(settings.refiner), "refiner_switch": settings.refiner_switch} if refiner else {}),
             "images": [str(out / f"{i:04d}.png") for i in range(len(images))], "captions": captions}, indent=2))
     log.info("%d images in %s, grid %s", len(images), out, run_dir / "grid.png")
 

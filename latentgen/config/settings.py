@@ -32,11 +32,16 @@ class DiffusionSettings:
     beta_end: float = setting(0.012, gt=0, lt=1)
     prediction_type: str = setting("eps", choices=PREDICTION_TYPES)
     zero_terminal_snr: bool = setting(False, help="rescale so the last timestep is pure noise (Lin et al. 2023)")
+    trained_timesteps: Optional[int] = setting(None, ge=1, help="train (and sample) on the least noisy N timesteps "
+                                               "only, as a refiner does (SDXL's: 200); null: all")
 
     def validate(self, prefix: str) -> None:
         if self.beta_end <= self.beta_start:
             raise ConfigError(f"{prefix}.beta_end={self.beta_end}: must be larger than {prefix}.beta_start="
                               f"{self.beta_start}")
+        if self.trained_timesteps is not None and self.trained_timesteps > self.num_timesteps:
+            raise ConfigError(f"{prefix}.trained_timesteps={self.trained_timesteps}: must be at most "
+                              f"{prefix}.num_timesteps={self.num_timesteps} (null: all of them)")
 
 
 @dataclass
@@ -163,6 +168,15 @@ class SampleAppSettings:
     progress: bool = setting(True)
     preview_every: int = setting(0, ge=0)
     overwrite: bool = setting(False, help="replace the images of an earlier run in the same directory")
+    image: Optional[str] = setting(None, help="an image file to start from (img2img; with mask: inpainting)")
+    mask: Optional[str] = setting(None, help="an image file, white where the image is repainted")
+    strength: Optional[float] = setting(None, gt=0, le=1, help="the fraction of the sampling path img2img redoes "
+                                        "(null: 0.8, or 1 with a mask)")
+    refiner: Optional[str] = setting(None, help="a second checkpoint in the same latent space that denoises the last "
+                                     "part of the sigma grid (SDXL's refiner)")
+    refiner_switch: float = setting(0.8, gt=0, lt=1, help="fraction of the sigma grid after which the refiner "
+                                    "takes over")
+    refiner_original_config: Optional[str] = setting(None, help="the refiner's original inference YAML, if not standard")
 
     def validate(self, prefix: str) -> None:
         if self.checkpoint in (None, "", "???"):
@@ -176,6 +190,12 @@ class SampleAppSettings:
                 raise ConfigError(f"label={self.label!r}: must be an integer or a list of integers")
         if self.prompt is not None and self.label is not None:
             raise ConfigError("prompt and label are both given; a model reads one of them: drop the other")
+        if self.image is None and (self.mask is not None or self.strength is not None):
+            raise ConfigError(f"{'mask' if self.mask is not None else 'strength'} is given without an image: pass "
+                              f"image=<file> as well (img2img / inpainting), or drop it")
+        if self.refiner_original_config is not None and self.refiner is None:
+            raise ConfigError("refiner_original_config is given without a refiner: pass refiner=<checkpoint> as well, "
+                              "or drop it")
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -69,6 +69,13 @@ class DiscreteNoiseSchedule:
             raise ValueError(f"num_timesteps must be at least 2; got {num_timesteps}")
         betas = BETA_SCHEDULES[schedule](num_timesteps, beta_start, beta_end)
         return cls(torch.cumprod(1 - betas, dim=0))
+
+    @classmethod
+    def from_settings(cls, diffusion: Mapping[str, Any]) -> "DiscreteNoiseSchedule":
+        """The schedule a pipeline's `diffusion` settings (DiffusionSettings, all keys given) describe."""
+        schedule = cls.from_betas(diffusion["noise_schedule"], diffusion["num_timesteps"], diffusion["beta_start"],
+                                  diffusion["beta_end"])
+        return schedule.rescaled_to_zero_terminal_snr() if diffusion["zero_terminal_snr"] else schedule
 
     def rescaled_to_zero_terminal_snr(self) -> "DiscreteNoiseSchedule":
         """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1.

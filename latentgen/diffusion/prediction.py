@@ -69,13 +69,19 @@ class DiscreteTimeDenoiser:
 
     `wrapper(x, sigma, cond)` returns x0_hat; `training_target(x0, x, sigma)` is what the raw
     network output must equal for that x0, so training and sampling share one set of equations.
+    `trained_timesteps` (default: all) restricts training to the least noisy ones.
     """
 
-    def __init__(self, network: Denoiser, schedule: DiscreteNoiseSchedule, prediction_type: str = "eps"):
+    def __init__(self, network: Denoiser, schedule: DiscreteNoiseSchedule, prediction_type: str = "eps",
+                 trained_timesteps: int | None = None):
         self.network = network
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.scaling = scaling_for(prediction_type)
+        # A refiner is trained on the least noisy timesteps only (SDXL's on 200 of 1000).
+        self.trained_timesteps = int(trained_timesteps or schedule.num_timesteps)
+        if not 1 <= self.trained_timesteps <= schedule.num_timesteps:
+            raise ValueError(f"trained_timesteps={trained_timesteps}: must be in 1..{schedule.num_timesteps}")
 
     def _coefficients(self, x: torch.Tensor, sigma: torch.Tensor):
         sigma = torch.as_tensor(sigma, device=x.device)
@@ -102,7 +108,12 @@ class DiscreteTimeDenoiser:
         c_skip, c_out, _, _ = self._coefficients(x, sigma)
         return ((x0 - c_skip.to(x.dtype) * x) / c_out.to(x.dtype))
 
+    @property
+    def trained_sigma_max(self) -> float:
+        """The largest sigma the network was trained on (a refiner's is far below the schedule's)."""
+        return float(self.schedule.sigmas[self.trained_timesteps - 1])
+
     def sample_training_sigmas(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sigmas of timesteps drawn uniformly from the schedule, as in DDPM training. (B,) float64."""
-        t = torch.randint(0, self.schedule.num_timesteps, (batch_size,), generator=generator)
+        """Sigmas of timesteps drawn uniformly from the trained ones, as in DDPM training. (B,) float64."""
+        t = torch.randint(0, self.trained_timesteps, (batch_size,), generator=generator)
         return self.schedule.sigmas[t]

@@ -117,7 +117,9 @@ def sgm_pipeline_config(original: Mapping[str, Any]) -> dict:
         "denoiser": {"name": "unet", **_unet_params(unet, "crossattn", codec["latent_channels"])},
         "conditioner": {"name": "stack", "conditioners": members},
         "scheduler": {"name": "euler"},
-        "diffusion": _process(params.get("denoiser_config") or {"target": "DiscreteDenoiser"}),
+        # The refiner was trained on the 200 least noisy of the 1000 timesteps (Podell et al. 2023, Sec. 2.5).
+        "diffusion": {**_process(params.get("denoiser_config") or {"target": "DiscreteDenoiser"}),
+                      "trained_timesteps": 200 if refiner else None},
         "sampling": {"height": 1024, "width": 1024, "steps": 30, "guidance_scale": 5.0, "spacing": "leading"},
     }
 

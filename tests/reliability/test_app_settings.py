@@ -110,6 +110,25 @@ CASES = [
     ("sample", ["checkpoint=/nonexistent/last.safetensors"], "does not exist"),
     ("sample", ["checkpoint=null"], "checkpoint: not given"),
     ("sample", ["original_config=v1-inference.yaml"], "does not take the option original_config"),
+    ("sample", ["image=/nonexistent/start.png"], "image: no file '/nonexistent/start.png'"),
+    ("sample", ["mask=/nonexistent/mask.png"], "mask is given without an image"),
+    ("sample", ["strength=0.5"], "strength is given without an image"),
+    ("sample", ["image=/nonexistent/start.png", "strength=2"], "strength=2"),
+    ("sample", ["refiner=/nonexistent/refiner.safetensors"], "refiner: no file '/nonexistent/refiner.safetensors'"),
+    ("sample", ["refiner_switch=1.5"], "refiner_switch=1.5"),
+    ("sample", ["refiner_original_config=refiner.yaml"], "refiner_original_config is given without a refiner"),
+    # SDXL's base and refiner ({golden}: ../shared/golden), refused from the headers before any weight is read
+    ("sample", ["{refiner}", "height=64", "width=64"], "cannot start from pure noise (sigma 11.5): use it as the "
+     "refiner of a base model"),
+    ("sample", ["{refiner}", "refiner={golden}/sdxl-tiny-weights.safetensors",
+                "refiner_original_config={golden}/sdxl-tiny-config.yaml"], "it is a refiner; pass a base model"),
+    ("sample", ["{base}", "{as_refiner}", "refiner_switch=0.3"], "raise refiner_switch to at least 0.77 (at 30 steps)"),
+    ("sample", ["{base}", "{as_refiner}", "steps=3", "refiner_switch=0.9"], "leaves the refiner no step"),
+    ("sample", ["{base}", "refiner={golden}/sd-tiny-weights.safetensors",
+                "refiner_original_config={golden}/sd-tiny-config.yaml"],
+     "the refiner works in another latent space than the base (scale_factor 0.13025 vs 0.18215)"),
+    ("sample", ["checkpoint={golden}/sd-tiny-weights.safetensors", "original_config={golden}/sdxl-tiny-config.yaml"],
+     "is an SDXL (sgm) inference YAML, but the checkpoint is a Stable Diffusion v1/v2 file"),
     # latentgen-eval
     ("eval", ["num_samples=0"], "num_samples=0"),
     ("eval", ["steps=0"], "steps=0"),
@@ -123,15 +142,26 @@ CASES = [
 ]
 
 
+# The golden SDXL files with their sgm YAMLs, as the cases above name them.
+_PAIRS = {
+    "{base}": ["checkpoint={golden}/sdxl-tiny-weights.safetensors", "original_config={golden}/sdxl-tiny-config.yaml"],
+    "{refiner}": ["checkpoint={golden}/sdxl-refiner-tiny-weights.safetensors",
+                  "original_config={golden}/sdxl-refiner-tiny-config.yaml"],
+    "{as_refiner}": ["refiner={golden}/sdxl-refiner-tiny-weights.safetensors",
+                     "refiner_original_config={golden}/sdxl-refiner-tiny-config.yaml"],
+}
+
+
 @pytest.mark.parametrize(("app", "args", "named"), CASES, ids=[f"{case[0]} {' '.join(case[1])}" for case in CASES])
 def test_a_bad_setting_is_one_error_line_before_any_work(app, args, named, smoke_checkpoint, tmp_path, run_app,
-                                                         tripwires):
+                                                         tripwires, shared_dir):
     run_dir = existing_run(tmp_path / "run")
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / "last.safetensors").write_bytes(b"a finished run's checkpoint")
     before = snapshot(run_dir)
     given = {"train": ["experiment=smoke"], "sample": [f"checkpoint={smoke_checkpoint}", "prompt=a red circle"],
              "eval": [f"checkpoint={smoke_checkpoint}"]}[app]
+    args = [part.format(golden=shared_dir / "golden") for arg in args for part in _PAIRS.get(arg, [arg])]
     given = [arg for arg in given if not any(arg.split("=")[0] == other.split("=")[0] for other in args)]
     status, lines = run_app(app, [*given, *args, f"hydra.run.dir={run_dir}"])
     assert status == 1, lines
