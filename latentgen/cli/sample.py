@@ -54,14 +54,39 @@ def _load_picture(path: str, mode: str):
         return image.convert(mode)
 
 
+def _numbers(key: str) -> bool:
+    """Whether conditioning.<key> takes numbers (SDXL's sizes and scores) rather than files."""
+    from latentgen.contracts.input_keys import INPUT_KEYS
+
+    return key in INPUT_KEYS and INPUT_KEYS[key].value == "numbers"
+
+
 def _conditioning(node) -> dict:
-    """conditioning.<key>=path (or a list of paths) -> {key: PIL image(s) or tensor} for the pipeline."""
+    """conditioning.<key>=path (or a list of paths) -> {key: PIL image(s) or tensor} for the pipeline; a key
+    that takes numbers keeps them (conditioning.original_size=[768,1344])."""
     loaded = {}
     for key, value in dict(node or {}).items():
         if value is None:
             continue
-        loaded[key] = [_load_map(key, path) for path in _as_list(value)]  # the pipeline batches a list
+        if _numbers(key):
+            loaded[key] = _as_list(value)
+        else:
+            loaded[key] = [_load_map(key, path) for path in _as_list(value)]  # the pipeline batches a list
     return loaded
+
+
+def _check_conditioning(node) -> None:
+    """Every conditioning file exists; every numbers key holds numbers."""
+    for key, value in dict(node or {}).items():
+        values = _as_list(value) or []
+        if not _numbers(key):
+            for path in values:
+                _map_file(key, path)
+            continue
+        flat = [v for item in values for v in (item if isinstance(item, list) else [item])]
+        if not flat or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+            raise ValueError(f"conditioning.{key}={value!r}: must be numbers, e.g. conditioning.{key}="
+                             f"{'[1024,1024]' if key != 'aesthetic_score' else '6'}")
 
 
 def _load_options(settings: SampleAppSettings, refiner: bool = False) -> dict:
@@ -131,9 +156,7 @@ def accept(config: dict, run_dir: Path) -> SampleAppSettings:
         refiner_config = refiner.config(Path(settings.refiner), **_load_options(settings, refiner=True))
         check_request(settings, refiner_config)
     check_noise_levels(settings, config, refiner_config)
-    for key, value in (settings.conditioning or {}).items():
-        for path in _as_list(value) or []:
-            _map_file(key, path)
+    _check_conditioning(settings.conditioning)
     claim(run_dir)
     refuse_finished(run_dir, RESULTS, settings.overwrite, "latentgen-sample run")
     return settings

@@ -117,10 +117,12 @@ def load_sdxl(path: str | Path, original_config: str | Path | Mapping[str, Any] 
         if wrong:
             raise CheckpointError(f"{len(wrong)} {kind} weights in '{path}' are not floating point (first: "
                                   f"{wrong[:3]}); the file is corrupt or was converted wrongly")
-        module.load_state_dict({name: weights.tensor(key, dtype or torch.float32) for name, key in located.items()},
-                               strict=True, assign=True)
+        layout = bool(channels_last) and kind in ("denoiser", "codec")  # optimize_for_inference's, set while reading
+        module.load_state_dict({name: weights.tensor(key, dtype or torch.float32, channels_last=layout)
+                                for name, key in located.items()}, strict=True, assign=True)
         materialise_empty_buffers(module, kind)
         source.origin.update({f"{kind}.{name}": key for name, key in located.items()})
+    weights.release()
     used = set(source.origin.values())
     unexpected = [key for key in weights.keys() if key not in used and key.startswith((UNET, VAE, EMBEDDERS))
                   and not any(part in key for part in _IGNORED)]

@@ -23,8 +23,14 @@ from typing import Any, Mapping
 import torch
 
 from latentgen.assembly import build_component
-from latentgen.checkpoint import (CONFIG_KEY, float_weight_problems, materialise_empty_buffers, mismatch_report,
-                                  safetensors_header, save_tensors)
+from latentgen.checkpoint import (
+    CONFIG_KEY,
+    float_weight_problems,
+    materialise_empty_buffers,
+    mismatch_report,
+    safetensors_header,
+    save_tensors,
+)
 from latentgen.errors import CheckpointError, ConfigError
 from latentgen.fast_path import optimize_for_inference
 from latentgen.interop.original_config import pipeline_config, read_original_config, standard_config
@@ -184,11 +190,16 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
         if wrong:
             raise CheckpointError(f"{len(wrong)} {kind} weights in '{checkpoint}' are not floating point (first: "
                                   f"{wrong[:3]}); the file is corrupt or was converted wrongly")
-        state = {name: weights.tensor(key, dtype) for name, key in located.items()}
+        # optimize_for_inference's layout, set while reading (a duck-typed `weights` gets it afterwards)
+        layout = {"channels_last": True} if channels_last and kind in ("denoiser", "codec") \
+            and isinstance(weights, WeightsFile) else {}
+        state = {name: weights.tensor(key, dtype, **layout) for name, key in located.items()}
         module.load_state_dict(state, strict=True, assign=True)
         materialise_empty_buffers(module, kind)
         source.origin.update({f"{kind}.{name}": key for name, key in located.items()})
 
+    if isinstance(weights, WeightsFile):
+        weights.release()
     used = set(source.origin.values())
     unexpected = [key for key in weights.keys()
                   if key not in used and key not in shadowed and key.startswith((UNET, VAE, TEXT))

@@ -28,6 +28,7 @@ def test_weights_file_reads_every_dtype_as_safetensors_does(tmp_path):
         "bool": torch.tensor([True, False, True]),
         "scalar": torch.tensor(2.5),
         "empty": torch.zeros(0, 4),
+        "conv": torch.randn(4, 3, 3, 3, generator=generator).half(),
     }
     path = tmp_path / "all.safetensors"
     safetensors.torch.save_file(tensors, str(path))
@@ -40,6 +41,16 @@ def test_weights_file_reads_every_dtype_as_safetensors_does(tmp_path):
     # Casting happens straight from the file's dtype; integer tensors are never cast.
     assert torch.equal(weights.tensor("f16", torch.bfloat16), expected["f16"].to(torch.bfloat16))
     assert weights.tensor("i64", torch.bfloat16).dtype == torch.int64
+    # Cast and relaid reads go through one staging buffer: each result owns its memory and keeps its values
+    # after later reads reuse the buffer.
+    staged = {key: weights.tensor(key, torch.float32, channels_last=True) for key in expected}
+    for key, value in expected.items():
+        assert torch.equal(staged[key], value.float() if value.is_floating_point() else value), key
+        assert staged[key].untyped_storage().data_ptr() != weights._buffer.untyped_storage().data_ptr()
+        if value.ndim == 4:
+            assert staged[key].is_contiguous(memory_format=torch.channels_last), key
+    weights.release()
+    assert torch.equal(weights.tensor("f16", torch.bfloat16), expected["f16"].to(torch.bfloat16))
 
 
 def test_a_file_cut_while_loading_is_named(tmp_path):

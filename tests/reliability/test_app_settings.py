@@ -107,6 +107,7 @@ CASES = [
     ("sample", ["format=nope"], "unknown format 'nope'. Available formats: latentgen (latentgen"),
     ("sample", ["format=stable_diffusion"], "is not a file of this format (it does not recognise it); format latentgen reads it"),
     ("sample", ["conditioning.low_res=/nonexistent/low.png"], "conditioning.low_res: no file"),
+    ("sample", ["+conditioning.original_size=[tall,1]"], "conditioning.original_size=['tall', 1]: must be numbers"),
     ("sample", ["checkpoint=/nonexistent/last.safetensors"], "does not exist"),
     ("sample", ["checkpoint=null"], "checkpoint: not given"),
     ("sample", ["original_config=v1-inference.yaml"], "does not take the option original_config"),
