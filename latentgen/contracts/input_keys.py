@@ -48,7 +48,7 @@ INPUT_KEYS: dict[str, InputKey] = {key.name: key for key in (
     InputKey("image_size", "pixels", filled_from="height= and width="),
     # SDXL's micro-conditioning (latentgen.conditioners.fourier_numbers): (height, width), (top, left), a score.
     InputKey("original_size", "numbers", optional=True),
-    InputKey("crop_top_left", "numbers", optional=True),
+    InputKey("crop_coords_top_left", "numbers", optional=True),
     InputKey("target_size", "numbers", optional=True),
     InputKey("aesthetic_score", "numbers", optional=True),
 )}

@@ -25,7 +25,7 @@ _OPENCLIP_CONFIG = {"width": "context_dim", "layers": "layers", "heads": "heads"
 # ConcatTimestepEmbedderND input keys -> (latentgen input key, numbers per item, default, unconditional).
 _NUMBERS = {
     "original_size_as_tuple": ("original_size", 2, "image_size", None),
-    "crop_coords_top_left": ("crop_top_left", 2, [0, 0], None),
+    "crop_coords_top_left": ("crop_coords_top_left", 2, [0, 0], None),
     "target_size_as_tuple": ("target_size", 2, "image_size", None),
     # The refiner's: sgm's sampling asks for 6 and gives the unconditional branch its negative score, 2.5.
     "aesthetic_score": ("aesthetic_score", 1, [6.0], [2.5]),

@@ -20,11 +20,11 @@ BASE = [dict(name="clip_text", layout="clip", context_dim=8, intermediate_size=3
         dict(name="clip_text", layout="openclip", context_dim=16, pooled=True, projection_dim=24,
              zero_unconditional=True, **TEXT),
         dict(name="fourier_numbers", input_key="original_size"),
-        dict(name="fourier_numbers", input_key="crop_top_left", default=[0, 0]),
+        dict(name="fourier_numbers", input_key="crop_coords_top_left", default=[0, 0]),
         dict(name="fourier_numbers", input_key="target_size")]
 REFINER = [dict(name="clip_text", layout="openclip", context_dim=16, pooled=True, projection_dim=24, **TEXT),
            dict(name="fourier_numbers", input_key="original_size"),
-           dict(name="fourier_numbers", input_key="crop_top_left", default=[0, 0]),
+           dict(name="fourier_numbers", input_key="crop_coords_top_left", default=[0, 0]),
            dict(name="fourier_numbers", input_key="aesthetic_score", count=1, default=[6.0], unconditional=[2.5])]
 UNETS = {"sdxl-tiny": dict(channel_mult=[1, 1, 2], transformer_depth=[1, 1, 2], context_dim=24, vector_dim=1560),
          "sdxl-refiner-tiny": dict(channel_mult=[1, 1, 2, 2], transformer_depth=2, context_dim=[16, 16],
@@ -67,7 +67,7 @@ def test_base_text_towers_and_conditioning_match_sgm(golden):
     assert relative_error(towers["crossattn"], io["openclip.penultimate"]) < 1e-4
     assert relative_error(towers["vector"], io["openclip.pooled"]) < 1e-4
     batch = {"prompt": PROMPTS, "original_size": io["cond.original_size_as_tuple"],
-             "crop_top_left": io["cond.crop_coords_top_left"], "target_size": io["cond.target_size_as_tuple"]}
+             "crop_coords_top_left": io["cond.crop_coords_top_left"], "target_size": io["cond.target_size_as_tuple"]}
     cond, uncond = conditioner(batch), conditioner.unconditional(batch)
     assert conditioner.outputs == {"crossattn": 24, "vector": 1560}
     for key in ("crossattn", "vector"):
@@ -81,7 +81,7 @@ def test_refiner_conditioning_encodes_the_empty_prompt_and_the_negative_score(go
     weights, io = golden("sdxl-refiner-tiny")
     conditioner = stack(REFINER, weights)
     batch = {"prompt": PROMPTS, "original_size": io["cond.original_size_as_tuple"],
-             "crop_top_left": io["cond.crop_coords_top_left"], "aesthetic_score": io["cond.aesthetic_score"]}
+             "crop_coords_top_left": io["cond.crop_coords_top_left"], "aesthetic_score": io["cond.aesthetic_score"]}
     cond, uncond = conditioner(batch), conditioner.unconditional(batch)
     for key in ("crossattn", "vector"):
         assert relative_error(cond[key], io[f"cond.{key}"]) < 1e-4
@@ -109,7 +109,7 @@ def test_fourier_features_are_sinusoids_of_each_number():
     assert torch.allclose(features[1, 256:].double(), expected, atol=1e-6)
     assert torch.equal(features[1, :128], torch.ones(128)) and torch.equal(features[1, 128:256], torch.zeros(128))
     with pytest.raises(Exception, match=r"default needs 2 numbers"):
-        registry.build("conditioner", "fourier_numbers", input_key="crop_top_left", default=[0])
+        registry.build("conditioner", "fourier_numbers", input_key="crop_coords_top_left", default=[0])
     with pytest.raises(Exception, match=r"context_dim as a list must repeat one width"):
         registry.build("denoiser", "unet", model_channels=32, num_head_channels=16, context_dim=[16, 24])
 

@@ -36,9 +36,10 @@ def test_the_tiny_golden_models_match_sgm(golden, model):
     prompts = ["a photograph of an astronaut riding a horse",
                "A PAINTING of a Red Fox,   in the snow; highly-detailed!! 4k", ""]
     batch = {"prompt": prompts, "original_size": io["cond.original_size_as_tuple"],
-             "crop_top_left": io["cond.crop_coords_top_left"]}
+             "crop_coords_top_left": io["cond.crop_coords_top_left"]}
+    # the batch of ../shared/DESIGN.md: sizes and crops (B, 2), the refiner's aesthetic score (B,)
     batch.update({"target_size": io["cond.target_size_as_tuple"]} if "cond.target_size_as_tuple" in io
-                 else {"aesthetic_score": io["cond.aesthetic_score"]})
+                 else {"aesthetic_score": io["cond.aesthetic_score"].reshape(-1)})
     cond, uncond = pipe.conditioner(batch), pipe.conditioner.unconditional(batch)
     for key in ("crossattn", "vector"):
         assert relative_error(cond[key], io[f"cond.{key}"]) < 1e-4
