@@ -57,8 +57,12 @@ CHECKPOINT_VERSION = "2"
 
 
 def make_checkpoint(spec: Path, path: Path) -> None:
-    """Random fp16 weights (the common distribution format) for every key of the spec: norm weights 1,
-    other vectors 0, matrices and kernels randn / sqrt(fan_in)."""
+    write_random_checkpoint(spec, path, {"latentgen_random_sd_v1": CHECKPOINT_VERSION})
+
+
+def write_random_checkpoint(spec: Path, path: Path, metadata: dict[str, str]) -> None:
+    """Random fp16 weights (the common distribution format) for every key of a spec file: 1-D weights (the
+    norms' scales) 1, other vectors 0, matrices and kernels randn / sqrt(fan_in)."""
     import torch
     from safetensors.torch import save_file
 
@@ -69,10 +73,7 @@ def make_checkpoint(spec: Path, path: Path) -> None:
             continue
         key, shape = line.split("\t")
         dims = () if shape == "scalar" else tuple(int(n) for n in shape.split("x"))
-        if key.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "norm_out.weight",
-                         "ln_final.weight", "layer_norm1.weight", "layer_norm2.weight", "final_layer_norm.weight",
-                         "diffusion_model.out.0.weight")) \
-                or ".in_layers.0.weight" in key or ".out_layers.0.weight" in key:
+        if len(dims) == 1 and key.endswith(".weight"):
             tensors[key] = torch.ones(dims, dtype=torch.float16)
         elif len(dims) >= 2:
             fan_in = 1
@@ -81,7 +82,7 @@ def make_checkpoint(spec: Path, path: Path) -> None:
             tensors[key] = (torch.randn(dims, generator=generator) / fan_in**0.5).half()
         else:
             tensors[key] = torch.zeros(dims, dtype=torch.float16)
-    save_file(tensors, str(path), metadata={"latentgen_random_sd_v1": CHECKPOINT_VERSION})
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def checkpoint_version(path: Path) -> str | None:

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sd_cpu import matmul_peak, peak_rss_gib, timed  # the same measures as the v1 benchmark beside this file
+from sd_cpu import matmul_peak, peak_rss_gib, timed, write_random_checkpoint  # shared with the v1 benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> (load options, lever turned back to its slower alternative or None); the first is the reference.
@@ -40,28 +40,7 @@ CHECKPOINT_VERSION = "1"  # in the file's metadata: a file from another version 
 
 
 def make_checkpoint(spec: Path, path: Path) -> None:
-    """Random fp16 weights for every key of the spec: 1-D weights (norm scales) 1, other vectors 0, matrices
-    and kernels randn / sqrt(fan_in)."""
-    import torch
-    from safetensors.torch import save_file
-
-    generator = torch.Generator().manual_seed(0)
-    tensors = {}
-    for line in spec.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        dims = () if shape == "scalar" else tuple(int(n) for n in shape.split("x"))
-        if len(dims) == 1 and key.endswith(".weight"):
-            tensors[key] = torch.ones(dims, dtype=torch.float16)
-        elif len(dims) >= 2:
-            fan_in = 1
-            for n in dims[1:]:
-                fan_in *= n
-            tensors[key] = (torch.randn(dims, generator=generator) / fan_in**0.5).half()
-        else:
-            tensors[key] = torch.zeros(dims, dtype=torch.float16)
-    save_file(tensors, str(path), metadata={"latentgen_random_sdxl_base": CHECKPOINT_VERSION})
+    write_random_checkpoint(spec, path, {"latentgen_random_sdxl_base": CHECKPOINT_VERSION})
 
 
 def checkpoint_version(path: Path) -> str | None:

@@ -17,8 +17,6 @@ import torch
 from latentgen.assembly import build_component
 from latentgen.checkpoint import (
     CONFIG_KEY,
-    float_weight_problems,
-    materialise_empty_buffers,
     mismatch_report,
     safetensors_header,
     save_tensors,
@@ -27,7 +25,7 @@ from latentgen.errors import CheckpointError, ConfigError
 from latentgen.fast_path import optimize_for_inference
 from latentgen.interop.original_config import read_original_config
 from latentgen.interop.sgm_config import sgm_pipeline_config, standard_sgm_config
-from latentgen.interop.stable_diffusion import PIPELINE_CONFIG_KEY, KeyMap, SourceFile
+from latentgen.interop.stable_diffusion import PIPELINE_CONFIG_KEY, KeyMap, SourceFile, assign_weights
 from latentgen.interop.weights_file import WeightsFile
 from latentgen.kinds import module_parts
 from latentgen.pipeline import LatentDiffusionPipeline
@@ -113,14 +111,7 @@ def load_sdxl(path: str | Path, original_config: str | Path | Mapping[str, Any] 
         if report:
             raise CheckpointError(f"the {kind} weights in '{path}' do not match {origin} ({report}); pass the "
                                   f"file's own sgm inference YAML as original_config")
-        wrong = float_weight_problems(module.state_dict(), {name: weights.dtype(key) for name, key in located.items()})
-        if wrong:
-            raise CheckpointError(f"{len(wrong)} {kind} weights in '{path}' are not floating point (first: "
-                                  f"{wrong[:3]}); the file is corrupt or was converted wrongly")
-        layout = bool(channels_last) and kind in ("denoiser", "codec")  # optimize_for_inference's, set while reading
-        module.load_state_dict({name: weights.tensor(key, dtype or torch.float32, channels_last=layout)
-                                for name, key in located.items()}, strict=True, assign=True)
-        materialise_empty_buffers(module, kind)
+        assign_weights(module, kind, located, weights, dtype or torch.float32, channels_last)
         source.origin.update({f"{kind}.{name}": key for name, key in located.items()})
     weights.release()
     used = set(source.origin.values())

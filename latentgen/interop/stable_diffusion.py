@@ -186,16 +186,7 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
         if report:
             raise CheckpointError(f"the {kind} weights in '{checkpoint}' do not match the config ({report}). "
                                   f"Pass the checkpoint's own inference YAML as original_config")
-        wrong = float_weight_problems(module.state_dict(), {name: weights.dtype(key) for name, key in located.items()})
-        if wrong:
-            raise CheckpointError(f"{len(wrong)} {kind} weights in '{checkpoint}' are not floating point (first: "
-                                  f"{wrong[:3]}); the file is corrupt or was converted wrongly")
-        # optimize_for_inference's layout, set while reading (a duck-typed `weights` gets it afterwards)
-        layout = {"channels_last": True} if channels_last and kind in ("denoiser", "codec") \
-            and isinstance(weights, WeightsFile) else {}
-        state = {name: weights.tensor(key, dtype, **layout) for name, key in located.items()}
-        module.load_state_dict(state, strict=True, assign=True)
-        materialise_empty_buffers(module, kind)
+        assign_weights(module, kind, located, weights, dtype, channels_last)
         source.origin.update({f"{kind}.{name}": key for name, key in located.items()})
 
     if isinstance(weights, WeightsFile):
@@ -218,6 +209,23 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
     if device is not None:
         pipe.to(device)
     return optimize_for_inference(pipe.eval(), channels_last=channels_last, compile=compile)
+
+
+def assign_weights(module: torch.nn.Module, kind: str, located: Mapping[str, str], weights: Any,
+                   dtype: torch.dtype | None, channels_last: bool) -> None:
+    """Give a module built on the meta device its weights: `located` maps each state-dict name to its key in
+    `weights`, every one checked floating point, read straight into `dtype` (and, for the denoiser and codec
+    with `channels_last`, into optimize_for_inference's layout: no copy is made afterwards)."""
+    wrong = float_weight_problems(module.state_dict(), {name: weights.dtype(key) for name, key in located.items()})
+    if wrong:
+        raise CheckpointError(f"{len(wrong)} {kind} weights in '{weights.path}' are not floating point (first: "
+                              f"{wrong[:3]}); the file is corrupt or was converted wrongly")
+    # a duck-typed `weights` (anything with path, keys, shape, dtype, tensor) gets the layout afterwards
+    layout = {"channels_last": True} if channels_last and kind in ("denoiser", "codec") \
+        and isinstance(weights, WeightsFile) else {}
+    module.load_state_dict({name: weights.tensor(key, dtype, **layout) for name, key in located.items()},
+                           strict=True, assign=True)
+    materialise_empty_buffers(module, kind)
 
 
 def header_config(path: str | Path, original_config: str | Path | Mapping[str, Any] | None = None,
