@@ -155,12 +155,26 @@ def config_family(original: Mapping[str, Any]) -> str | None:
     return "ldm" if "unet_config" in params else "sgm" if "network_config" in params else None
 
 
+# family -> (its YAML in words, its files in words, the fix for a file of this family given the other's YAML)
+_FAMILIES = {
+    "ldm": ("a Stable Diffusion v1/v2 (LDM) inference YAML", "a Stable Diffusion v1/v2 file (no "
+            "conditioner.embedders.* keys)", "give its LDM YAML as original_config, or none for a standard v1/v2 file"),
+    "sgm": ("an SDXL (sgm) inference YAML", "an SDXL file (conditioner.embedders.* keys)",
+            "give its sgm YAML as original_config, or none for the released SDXL base or refiner"),
+}
+
+
+def require_family(original: Mapping[str, Any], expected: str) -> None:
+    """Refuse an inference YAML of the other code base than the checkpoint's, naming both."""
+    found = config_family(original)
+    if found is not None and found != expected:
+        raise ConfigError(f"the original config is {_FAMILIES[found][0]}, but the checkpoint is "
+                          f"{_FAMILIES[expected][1]}; {_FAMILIES[expected][2]}")
+
+
 def pipeline_config(original: Mapping[str, Any], prediction_type: str | None = None) -> dict:
     """latentgen's pipeline config for an original inference config."""
-    if config_family(original) == "sgm":
-        raise ConfigError("the original config is an SDXL (sgm) inference YAML, but the checkpoint is a Stable "
-                          "Diffusion v1/v2 file (no conditioner.embedders.* keys); give its LDM YAML as "
-                          "original_config, or none for a standard v1/v2 file")
+    require_family(original, "ldm")
     try:
         params = original["model"]["params"]
         unet, vae, cond = (params["unet_config"]["params"], params["first_stage_config"]["params"],

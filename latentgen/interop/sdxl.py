@@ -22,10 +22,9 @@ from latentgen.checkpoint import (
     save_tensors,
 )
 from latentgen.errors import CheckpointError, ConfigError
-from latentgen.fast_path import optimize_for_inference
 from latentgen.interop.original_config import read_original_config
 from latentgen.interop.sgm_config import sgm_pipeline_config, standard_sgm_config
-from latentgen.interop.stable_diffusion import PIPELINE_CONFIG_KEY, KeyMap, SourceFile, assign_weights
+from latentgen.interop.stable_diffusion import PIPELINE_CONFIG_KEY, KeyMap, SourceFile, assemble, assign_weights
 from latentgen.interop.weights_file import WeightsFile
 from latentgen.kinds import module_parts
 from latentgen.pipeline import LatentDiffusionPipeline
@@ -65,12 +64,13 @@ def infer_family(weights: WeightsFile) -> str:
 def header_config(path: str | Path, original_config: str | Path | Mapping[str, Any] | None = None) -> dict:
     """latentgen's config for the file: from the sgm YAML given, else the one latentgen recorded when it wrote
     the file, else the released config of the family its keys show. Reads the header only."""
-    return _config_and_origin(path, original_config)[0]
+    return _config_and_origin(WeightsFile(path), original_config)[0]
 
 
-def _config_and_origin(path: str | Path, original_config: str | Path | Mapping[str, Any] | None) -> tuple[dict, str]:
-    """header_config, and words saying where it came from (for errors)."""
-    weights = WeightsFile(path)
+def _config_and_origin(weights: WeightsFile, original_config: str | Path | Mapping[str, Any] | None
+                       ) -> tuple[dict, str]:
+    """header_config of an open file, and words saying where it came from (for errors)."""
+    path = weights.path
     if original_config is not None:
         where = f"'{original_config}'" if isinstance(original_config, (str, Path)) else "the original_config given"
         return sgm_pipeline_config(read_original_config(original_config)), where
@@ -93,7 +93,7 @@ def load_sdxl(path: str | Path, original_config: str | Path | Mapping[str, Any] 
     modules are built on the meta device, so no second copy of the weights is ever made. `channels_last` and
     `compile`: the speed-ups of `latentgen.fast_path.optimize_for_inference`, as for v1/v2 files."""
     weights = WeightsFile(path)
-    config, origin = _config_and_origin(path, original_config)
+    config, origin = _config_and_origin(weights, original_config)
     with torch.device("meta"):
         modules = {kind: build_component(kind, config[kind]) for kind in module_parts()}
     source = SourceFile(Path(path))
@@ -122,12 +122,7 @@ def load_sdxl(path: str | Path, original_config: str | Path | Mapping[str, Any] 
                               f"{[f'{k} {weights.shape(k)}' for k in unexpected[:3]]}; pass the file's own sgm "
                               f"inference YAML as original_config")
     source.passthrough = [key for key in weights.keys() if key not in used]
-    pipe = LatentDiffusionPipeline(**modules, scheduler=build_component("scheduler", config["scheduler"]),
-                                   diffusion=config["diffusion"], sampling=config["sampling"])
-    pipe.source = source
-    if device is not None:
-        pipe.to(device)
-    return optimize_for_inference(pipe.eval(), channels_last=channels_last, compile=compile)
+    return assemble(modules, config, source, device, channels_last, compile)
 
 
 def save_sdxl(pipe: LatentDiffusionPipeline, path: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -13,7 +13,7 @@ import copy
 from typing import Any, Mapping
 
 from latentgen.errors import ConfigError
-from latentgen.interop.original_config import _TEXT_CONFIG, _codec_params, _unet_params, config_family
+from latentgen.interop.original_config import _TEXT_CONFIG, _codec_params, _unet_params, require_family
 
 # sgm's text embedders, with the architecture their `arch` / `version` names (CLIP ViT-L/14; OpenCLIP ViT-bigG/14).
 _CLIP_L = {"layout": "clip", "context_dim": 768, "layers": 12, "heads": 12, "hidden_act": "quick_gelu"}
@@ -92,10 +92,7 @@ def _process(denoiser: Mapping[str, Any]) -> dict:
 
 def sgm_pipeline_config(original: Mapping[str, Any]) -> dict:
     """latentgen's pipeline config for an sgm `DiffusionEngine` inference config."""
-    if config_family(original) == "ldm":
-        raise ConfigError("the original config is a Stable Diffusion v1/v2 (LDM) inference YAML, but the checkpoint "
-                          "is an SDXL file (conditioner.embedders.* keys); give its sgm YAML as original_config, or "
-                          "none for the released SDXL base or refiner")
+    require_family(original, "sgm")
     try:
         params = original["model"]["params"]
         unet = dict(params["network_config"]["params"])

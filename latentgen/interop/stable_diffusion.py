@@ -202,7 +202,13 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
             f"original_config"
         )
     source.passthrough = [key for key in weights.keys() if key not in used]
+    return assemble(modules, config, source, device, channels_last, compile)
 
+
+def assemble(modules: Mapping[str, torch.nn.Module], config: Mapping[str, Any], source: SourceFile,
+             device: str | torch.device | None, channels_last: bool, compile: bool) -> LatentDiffusionPipeline:
+    """The pipeline of loaded modules, remembering the file they came from (for export), on `device`, with
+    the fast path's speed-ups."""
     pipe = LatentDiffusionPipeline(**modules, scheduler=build_component("scheduler", config["scheduler"]),
                                    diffusion=config["diffusion"], sampling=config["sampling"])
     pipe.source = source
