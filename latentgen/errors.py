@@ -33,5 +33,9 @@ class SettingTypeError(ConfigError, TypeError):
     """A setting or argument of the wrong type (a string where a number belongs, a float count)."""
 
 
+class AdapterError(LatentgenError, ValueError):
+    """An adapter that cannot apply to a pipeline, or an adapter file that is empty, foreign or inconsistent."""
+
+
 class InsufficientMemoryError(LatentgenError, MemoryError):
     """A request that needs more memory than the device has available."""

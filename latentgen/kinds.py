@@ -65,6 +65,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("format", "latentgen.formats", "latentgen.contracts.checkpoint_format:CheckpointFormat",
          "a file layout holding a whole pipeline: sniff, load, save",
          check="latentgen.testing.format_contract:check_format"),
+    Kind("adapter", "latentgen.adapters", "latentgen.contracts.adapter:Adapter",
+         "attached to a pipeline, changes what it computes, reversibly (LoRA, ControlNet, embeddings)"),
 )
 
 # Readers look the table up when they run (through the functions below, or `kinds.KINDS`), never copy it at

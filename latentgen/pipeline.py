@@ -17,7 +17,7 @@ from latentgen.compatibility import check_compatible
 from latentgen.config.containers import to_plain
 from latentgen.config.settings import DiffusionSettings, SamplingDefaults
 from latentgen.config.typed import as_plain, parse
-from latentgen.contracts import Codec, Conditioner, Denoiser, Scheduler
+from latentgen.contracts import Adapter, Codec, Conditioner, Denoiser, Scheduler
 from latentgen.contracts.input_keys import INPUT_KEYS
 from latentgen.diffusion.guidance import ClassifierFreeGuidance
 from latentgen.diffusion.inpainting import latent_mask
@@ -25,7 +25,7 @@ from latentgen.diffusion.noise_schedule import DiscreteNoiseSchedule
 from latentgen.diffusion.prediction import DiscreteTimeDenoiser
 from latentgen.diffusion.sampling import img2img_sigmas, sample
 from latentgen.diffusion.sigma_grids import sigma_grid
-from latentgen.errors import CheckpointError
+from latentgen.errors import AdapterError, CheckpointError
 from latentgen.formats.dispatch import call_with_options, format_for
 from latentgen.imaging import to_pil
 from latentgen.kinds import kind, module_parts, pipeline_parts
@@ -63,6 +63,7 @@ class LatentDiffusionPipeline:
         self.schedule = DiscreteNoiseSchedule.from_settings(self.diffusion)
         self.model = DiscreteTimeDenoiser(self.denoiser, self.schedule, self.diffusion["prediction_type"],
                                           self.diffusion["trained_timesteps"])
+        self._adapters: list[Adapter] = []
 
     # ---- construction and checkpoints ---------------------------------------------------------
 
@@ -101,7 +102,12 @@ class LatentDiffusionPipeline:
 
     def save(self, path: str | Path, format: str = "latentgen", **options: Any) -> Path:
         """Write the pipeline with the registered checkpoint format `format` (latentgen's own by default:
-        weights, config and component versions in one safetensors file), atomically."""
+        weights, config and component versions in one safetensors file), atomically. Refused while adapters
+        are attached: a checkpoint holds the components alone."""
+        if self._adapters:
+            raise AdapterError(f"cannot save with adapters attached ({', '.join(map(repr, self._adapters))}): a "
+                               f"checkpoint holds the components alone. Detach them first (pipe.detach(adapter)) "
+                               f"and keep the adapter files beside the checkpoint")
         return call_with_options(format_for(path, format), "save", (self, Path(path)), options)
 
     @property
@@ -116,9 +122,66 @@ class LatentDiffusionPipeline:
         return [getattr(self, name) for name in module_parts()]
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
+        """Move every part; attached adapters are detached first and attached again after, so each builds
+        what it adds on the new device and dtype."""
+        attached = self._adapters[:]
+        for adapter in reversed(attached):
+            self.detach(adapter)
         for module in self.modules():
             module.to(device=device, dtype=dtype)
+        for adapter in attached:
+            self.attach(adapter)
         return self
+
+    # ---- adapters (LoRA, ControlNet, embeddings: latentgen.contracts.adapter) -----------------------
+
+    @property
+    def adapters(self) -> list[Adapter]:
+        """The attached adapters, in the order they were attached."""
+        return list(self._adapters)
+
+    def attach(self, adapter: Adapter) -> Adapter:
+        """Apply `adapter` (after those already attached); refused, with nothing changed, if it cannot apply."""
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"attach() takes a latentgen.Adapter (e.g. registry.build('adapter', 'lora', path=...)); "
+                            f"got {type(adapter).__name__}")
+        if any(adapter is other for other in self._adapters):
+            raise AdapterError(f"{adapter!r} is already attached to this pipeline")
+        owner = getattr(adapter, "_attached_to", None)
+        if owner is not None and owner is not self:
+            raise AdapterError(f"{adapter!r} is attached to another pipeline: detach it there first, or build a "
+                               f"second one for this pipeline")
+        adapter.check(self)
+        try:
+            adapter.apply(self)
+        except BaseException:
+            adapter.remove(self)  # undo what it got to: nothing stays attached half
+            raise
+        adapter._attached_to = self
+        self._adapters.append(adapter)
+        return adapter
+
+    def detach(self, adapter: Adapter) -> None:
+        """Undo `adapter` exactly. Adapters attached after it are removed first and applied again after, so
+        every weight ends as if `adapter` had never been attached."""
+        index = next((i for i, other in enumerate(self._adapters) if other is adapter), None)
+        if index is None:
+            raise AdapterError(f"{adapter!r} is not attached to this pipeline; attached: {self._adapters or 'none'}")
+        later = self._adapters[index + 1:]
+        for other in reversed(later):
+            other.remove(self)
+        adapter.remove(self)
+        adapter._attached_to = None
+        del self._adapters[index]
+        for other in later:
+            other.apply(self)
+
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        """The `conditioning=` inputs this pipeline reads: its conditioner's, then its adapters'."""
+        keys = list(self.conditioner.input_keys)
+        keys += [key for adapter in self._adapters for key in adapter.input_keys if key not in keys]
+        return tuple(keys)
 
     def eval(self) -> "LatentDiffusionPipeline":
         for module in self.modules():
@@ -137,8 +200,20 @@ class LatentDiffusionPipeline:
 
     def inputs(self, prompts: str | Sequence[str] | None, labels: int | Sequence[int] | torch.Tensor | None,
                num_images: int, conditioning: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The conditioner's input batch for a request (`latentgen.pipeline_inputs.conditioner_batch`)."""
-        return conditioner_batch(self.conditioner, prompts, labels, num_images, conditioning, self.device)
+        """The conditioner's input batch for a request (`latentgen.pipeline_inputs.conditioner_batch`), with the
+        attached adapters' inputs (`Adapter.input_keys`) as given, for `_guided` to hand to them."""
+        conditioning = dict(conditioning or {})
+        adapter_keys = {key for adapter in self._adapters for key in adapter.input_keys}
+        for adapter in self._adapters:
+            missing = [key for key in adapter.input_keys if key not in conditioning]
+            if missing:
+                raise ValueError(f"{adapter!r} is attached and reads conditioning['{missing[0]}']: pass "
+                                 f"conditioning={{'{missing[0]}': ...}} (the apps: conditioning.{missing[0]}=<file>), "
+                                 f"or detach it")
+        theirs = {key: conditioning.pop(key) for key in list(conditioning)
+                  if key in adapter_keys and key not in self.conditioner.input_keys}
+        batch = conditioner_batch(self.conditioner, prompts, labels, num_images, conditioning, self.device)
+        return {**batch, **theirs}
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """The latent grid of an image size, refusing one the codec or the denoiser cannot tile."""
@@ -154,7 +229,8 @@ class LatentDiffusionPipeline:
         refinement = Refinement(self, request) if request.refiner is not None else None
         conditioning = request.conditioning if refinement is None else refinement.base_conditioning
         batch = self.inputs(prompts, request.labels, request.num_images, conditioning)
-        batch_size = len(next(iter(batch.values()))) if batch else request.num_images
+        own = [value for key, value in batch.items() if key in self.conditioner.input_keys]
+        batch_size = len(own[0]) if own else request.num_images
         images = None
         if request.image is not None:
             images = image_batch(request.image, batch_size, request.height, request.width, self.codec_device)
@@ -169,15 +245,15 @@ class LatentDiffusionPipeline:
                                                              self.codec_device)
         model_applies_mask = self._fill_mask_inputs(batch, images, masks)
         generator = request.generator or _generator(request.seed)
-        denoise = self._guided(batch, request)
         grid = sigma_grid(self.schedule, request.steps, request.grid, request.spacing,
                           float(self.sampling["rho"])).to(self.device)
         sigmas = grid if images is None else img2img_sigmas(grid, request.strength)
+        denoise = self._guided(batch, request, batch_size, sigmas)
         if refinement is None:
             check_start(self.model, grid, float(sigmas[0]), None if images is None else f"strength={request.strength}")
         else:  # the refiner takes the noise levels below the switch
             denoise, refiner_applies_mask = refinement.experts(denoise, prompts, request, batch, batch_size, grid,
-                                                               float(sigmas[0]), images, masks)
+                                                               sigmas, images, masks)
             model_applies_mask = model_applies_mask and refiner_applies_mask
         # Noise is drawn on the CPU generator so a seed means the same image on every device.
         noise = torch.randn((batch_size, self.codec.latent_channels, *latent_size), generator=generator).to(self.device)
@@ -207,10 +283,27 @@ class LatentDiffusionPipeline:
         batch.update({key: derived[key]() for key in reads})
         return True
 
-    def _guided(self, batch: Mapping[str, Any], request: Request) -> ClassifierFreeGuidance:
+    def _guided(self, batch: Mapping[str, Any], request: Request, batch_size: int,
+                sigmas: torch.Tensor) -> ClassifierFreeGuidance:
         """denoise(x, sigma) for the request: the conditional model, guided by the unconditional (or
-        negative-prompt) conditioning unless the scale is 1."""
+        negative-prompt) conditioning unless the scale is 1; the attached adapters' cond entries on both sides."""
         cond = self.conditioner(batch)
+        uncond = self._unconditional(batch, request, cond)
+        cond, uncond = self._with_adapter_conditioning(batch, batch_size, sigmas, cond, uncond)
+        return ClassifierFreeGuidance(self.model, cond, uncond, request.guidance_scale, request.guidance_rescale)
+
+    def _with_adapter_conditioning(self, batch: Mapping[str, Any], batch_size: int, sigmas: torch.Tensor,
+                                   cond: dict, uncond: dict | None) -> tuple[dict, dict | None]:
+        for adapter in self._adapters:
+            if not adapter.input_keys:
+                continue
+            ours, theirs = adapter.conditioning({key: batch[key] for key in adapter.input_keys}, batch_size=batch_size,
+                                                image_size=tuple(batch["image_size"]), sigmas=sigmas, device=self.device)
+            cond = {**cond, **ours}
+            uncond = None if uncond is None else {**uncond, **theirs}
+        return cond, uncond
+
+    def _unconditional(self, batch: Mapping[str, Any], request: Request, cond: Mapping[str, Any]) -> dict | None:
         uncond = None
         if request.guidance_scale != 1.0 and cond:
             if request.negative_prompts is not None:
@@ -223,7 +316,7 @@ class LatentDiffusionPipeline:
                 uncond = self.conditioner({**batch, "prompt": [n for n in negatives for _ in range(request.num_images)]})
             else:
                 uncond = self.conditioner.unconditional(batch)
-        return ClassifierFreeGuidance(self.model, cond, uncond, request.guidance_scale, request.guidance_rescale)
+        return uncond
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,7 @@ class Refinement:
 
     def _split(self, conditioning: Mapping[str, Any]) -> tuple[dict, dict]:
         """Each `conditioning=` input goes to the model(s) that read it (the refiner's aesthetic score to it)."""
-        reads = {"base": set(self.base.conditioner.input_keys), "refiner": set(self.refiner.conditioner.input_keys)}
+        reads = {"base": set(self.base.input_keys), "refiner": set(self.refiner.input_keys)}
         unread = [key for key in conditioning if not any(key in keys for keys in reads.values())]
         if unread:
             raise ValueError(f"conditioning['{unread[0]}'] is read by neither the base (reads {sorted(reads['base'])}) "
@@ -104,11 +104,11 @@ class Refinement:
         return tuple({key: value for key, value in conditioning.items() if key in reads[model]} for model in reads)
 
     def experts(self, high: Any, prompts: str | Sequence[str] | None, request: "Request", batch: Mapping[str, Any],
-                batch_size: int, grid: torch.Tensor, start: float, images: torch.Tensor | None,
+                batch_size: int, grid: torch.Tensor, sigmas: torch.Tensor, images: torch.Tensor | None,
                 masks: torch.Tensor | None) -> tuple[NoiseLevelExperts, bool]:
         """denoise(x, sigma) of the pair, and whether the refiner applies an inpainting mask itself."""
         img2img = f"strength={request.strength}" if request.image is not None else None
-        switch = switch_sigma(grid, self.fraction, start, self.base.model, self.refiner.model, img2img)
+        switch = switch_sigma(grid, self.fraction, float(sigmas[0]), self.base.model, self.refiner.model, img2img)
         refiner = self.refiner
         try:
             theirs = refiner.inputs(prompts, request.labels, request.num_images, self.refiner_conditioning)
@@ -117,7 +117,7 @@ class Refinement:
         theirs.update(latent_size=batch["latent_size"], image_size=batch["image_size"])
         refiner._check_memory(batch_size, batch["latent_size"], request)
         applies_mask = refiner._fill_mask_inputs(theirs, images, masks)
-        low = refiner._guided(theirs, request)
+        low = refiner._guided(theirs, request, batch_size, sigmas)
         if refiner.device != self.base.device:
             low = _on_device(low, refiner.device)
         return NoiseLevelExperts(high, low, switch), applies_mask

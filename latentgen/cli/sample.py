@@ -10,6 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from latentgen.cli.adapter_options import adapter_nodes, build_adapters
 from latentgen.cli.errors import reported
 from latentgen.config import register_component_options
 from latentgen.config.settings import SampleAppSettings, app_settings
@@ -157,6 +158,7 @@ def accept(config: dict, run_dir: Path) -> SampleAppSettings:
         check_request(settings, refiner_config)
     check_noise_levels(settings, config, refiner_config)
     _check_conditioning(settings.conditioning)
+    build_adapters(adapter_nodes(settings))  # each file read and checked (again when sampling: they are small)
     claim(run_dir)
     refuse_finished(run_dir, RESULTS, settings.overwrite, "latentgen-sample run")
     return settings
@@ -257,9 +259,12 @@ def _sample(cfg: DictConfig) -> None:
 
         scheduler = build_component("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
         conditioning = _conditioning(settings.conditioning)  # a missing map fails before the weights are read
+        adapters = build_adapters(adapter_nodes(settings))  # their files read and checked before the weights
         start = {key: _load_picture(getattr(settings, key), mode) for key, mode in (("image", "RGB"), ("mask", "L"))
                  if getattr(settings, key) is not None}
         pipe = load(settings, scheduler)
+        for adapter in adapters:
+            pipe.attach(adapter)
         refiner = {"refiner": load(settings, refiner=True), "refiner_switch": settings.refiner_switch} \
             if settings.refiner is not None else {}
         prompts, labels = _as_list(settings.prompt), _as_list(settings.label)
@@ -288,6 +293,7 @@ def _sample(cfg: DictConfig) -> None:
             "checkpoint": str(settings.checkpoint), "scheduler": pipe.scheduler.name, "seed": settings.seed,
             **({"image": settings.image, "mask": settings.mask, "strength": settings.strength} if start else {}),
             **({"refiner": str(settings.refiner), "refiner_switch": settings.refiner_switch} if refiner else {}),
+            **({"adapters": [adapter.describe() for adapter in adapters]} if adapters else {}),
             "images": [str(out / f"{i:04d}.png") for i in range(len(images))], "captions": captions}, indent=2))
     log.info("%d images in %s, grid %s", len(images), out, run_dir / "grid.png")
 

@@ -95,7 +95,12 @@ def accept(config: dict[str, Any], run_dir: Path, overrides: list[str]) -> None:
     from latentgen.training.run import build_parts, check_batches_fit, check_start, validated_config
 
     config = validated_config(config)
-    dataset, pipe = build_parts(config)  # the components check their own parameters (seconds at most)
+    dataset, pipe = build_parts(config, weights=False)  # the components check their own parameters (seconds at most)
+    adapter = (config.get("train") or {}).get("adapter")
+    if adapter and pipe is not None:  # it must find what to train in the base, before any weight is read
+        from latentgen.assembly import build_component
+
+        build_component("adapter", adapter).check(pipe)
     check_batches_fit(config, dataset, pipe, resolve_device(settings.device))
     claim(run_dir)
     if not resume:

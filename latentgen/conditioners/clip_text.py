@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from latentgen.contracts import Conditioner
 from latentgen.text.clip_text_model import HIDDEN_ACTS, CLIPTextTransformer
@@ -120,18 +121,58 @@ class CLIPTextConditioner(Conditioner):
         """Token ids (B, max_length) -> this conditioner's outputs: "crossattn", and "vector" when `pooled`."""
         if input_ids.device.type != "meta" and input_ids.numel():
             low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(f"conditioner '{self.name}': token ids must lie in 0..{self.vocab_size - 1} "
+            known = self.tower.token_embedding.num_embeddings if self.layout == "openclip" else \
+                self.tower.embeddings.token_embedding.num_embeddings  # the vocabulary and any added words
+            if low < 0 or high >= known:
+                raise ValueError(f"conditioner '{self.name}': token ids must lie in 0..{known - 1} "
                                  f"(vocab_size); got ids {low}..{high}")
         tower, input_ids = self.tower, input_ids.to(self.device)
         norm = tower.final_layer_norm if self.layout == "clip" else tower.ln_final
         if self.pooled:  # one pass to the last layer, keeping `layer`'s output on the way
             hidden, last = tower(input_ids, layer=LAYERS[self.layer], return_last=True)
-            end = norm(last)[torch.arange(last.shape[0], device=last.device), input_ids.argmax(dim=-1)]  # EOS
+            # EOS is the largest id, so its position is the argmax, unless added words' ids lie beyond it.
+            ends = (input_ids == self.tokenizer.eos_id).int().argmax(dim=-1) if self.tokenizer.added \
+                else input_ids.argmax(dim=-1)
+            end = norm(last)[torch.arange(last.shape[0], device=last.device), ends]
             outputs = {"vector": end @ tower.text_projection}  # (B, projection_dim)
         else:
             hidden, outputs = tower(input_ids, layer=LAYERS[self.layer]), {}  # (B, L, D)
         return {"crossattn": norm(hidden) if self.final_norm else hidden, **outputs}
+
+    # ---- words added by textual inversion (latentgen.adapters.embedding) ----------------------------------
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.tower.token_embedding if self.layout == "openclip" else self.tower.embeddings.token_embedding
+
+    def add_word(self, word: str, vectors: torch.Tensor) -> None:
+        """Make `word` in a prompt stand for `vectors` (n, width): n new token ids after the vocabulary (and
+        after words added before), their rows appended to the token embedding. Undone by `remove_word`."""
+        embedding = self.token_embedding
+        if vectors.ndim != 2 or vectors.shape[1] != embedding.embedding_dim:
+            raise ValueError(f"conditioner '{self.name}': vectors for '{word}' must be (n, {embedding.embedding_dim}); "
+                             f"got {tuple(vectors.shape)}")
+        if word in self.tokenizer.added:
+            raise ValueError(f"conditioner '{self.name}': the word '{word}' is already added; detach the embedding "
+                             f"that added it first")
+        first = embedding.num_embeddings
+        self._added_weights = getattr(self, "_added_weights", [])
+        self._added_weights.append(embedding.weight)  # restored as the same Parameter object on removal
+        grown = torch.cat([embedding.weight.detach(), vectors.to(embedding.weight)])
+        embedding.weight = nn.Parameter(grown, requires_grad=embedding.weight.requires_grad)
+        embedding.num_embeddings = grown.shape[0]
+        self.tokenizer.added[word] = list(range(first, grown.shape[0]))
+
+    def remove_word(self, word: str) -> None:
+        """Undo `add_word(word)`; it must be the last word added (adapters are removed in reverse order)."""
+        if word not in self.tokenizer.added:
+            return
+        if list(self.tokenizer.added)[-1] != word:
+            raise ValueError(f"conditioner '{self.name}': remove the words added after '{word}' first")
+        del self.tokenizer.added[word]
+        embedding = self.token_embedding
+        embedding.weight = self._added_weights.pop()
+        embedding.num_embeddings = embedding.weight.shape[0]
 
     def _prompts(self, batch: Mapping[str, Any]) -> list[str]:
         self.check_inputs(batch)

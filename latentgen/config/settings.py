@@ -16,7 +16,7 @@ T = TypeVar("T")
 
 NOISE_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("eps", "v", "x0")
-GRIDS = ("discrete", "karras", "exponential")
+GRIDS = ("discrete", "karras", "exponential", "lcm")
 SPACINGS = ("leading", "trailing", "linspace")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -126,8 +126,22 @@ class TrainSettings:
     sample_steps: int = setting(10, ge=1)
     checkpoint_every: int = setting(500, ge=1)
     grid_size: int = setting(48, ge=1)
+    gradient_checkpointing: bool = setting(False, help="recompute the denoiser's blocks in the backward pass: less "
+                                           "memory, about a third more time")
+    adapter: Any = setting(None, help="train only this new adapter on the loaded model, e.g. {name: trainable_lora, "
+                           "rank: 8}")
     codec: CodecStageSettings = setting(default_factory=CodecStageSettings)
     denoiser: DenoiserStageSettings = setting(default_factory=DenoiserStageSettings)
+
+    def validate(self, prefix: str) -> None:
+        if self.adapter is None:
+            return
+        if not isinstance(self.adapter, dict) or "name" not in self.adapter:
+            raise ConfigError(f"{prefix}.adapter={self.adapter!r}: must be a mapping with a name, e.g. "
+                              f"{{name: trainable_lora, rank: 8}}")
+        if self.denoiser.ema_decay > 0:
+            raise ConfigError(f"{prefix}.denoiser.ema_decay={self.denoiser.ema_decay}: must be 0 when training an "
+                              f"adapter (an average would copy the whole denoiser for a few low-rank weights)")
 
 
 @dataclass
@@ -138,6 +152,10 @@ class TrainRunSettings:
     device: str = setting("auto")
     resume: Any = setting(False)
     overwrite: bool = setting(False, help="start afresh in a run directory that holds a run")
+    base: Optional[str] = setting(None, help="a checkpoint (any registered format) whose components replace the "
+                                  "config's: the model an adapter is trained on")
+    base_options: Dict[str, Any] = setting(default_factory=dict, help="the base format's load options, e.g. "
+                                           "{original_config: v1-inference.yaml}")
     diffusion: DiffusionSettings = setting(default_factory=DiffusionSettings)
     sampling: SamplingDefaults = setting(default_factory=SamplingDefaults)
     train: TrainSettings = setting(default_factory=TrainSettings)
@@ -177,6 +195,11 @@ class SampleAppSettings:
     refiner_switch: float = setting(0.8, gt=0, lt=1, help="fraction of the sigma grid after which the refiner "
                                     "takes over")
     refiner_original_config: Optional[str] = setting(None, help="the refiner's original inference YAML, if not standard")
+    adapters: Any = setting(default_factory=list, help="adapters to attach, in order: [{name: lora, path: ..., "
+                            "scale: 0.8}, {name: controlnet, path: ...}, {name: embedding, path: ...}]")
+    lora: Any = setting(None, help="shorthand: a LoRA file (or a list), each at lora_scale")
+    lora_scale: float = setting(1.0, help="the multiplier of the lora= files")
+    controlnet: Optional[str] = setting(None, help="shorthand: a ControlNet file, fed conditioning.control")
 
     def validate(self, prefix: str) -> None:
         if self.checkpoint in (None, "", "???"):

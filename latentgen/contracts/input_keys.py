@@ -19,6 +19,7 @@ VALUES = {
     "latents": "float (B, C, h, w), scaled like the codec's",
     "size": "(h, w): the latent grid of the request",
     "pixels": "(H, W): the image size of the request",
+    "map": "float (B, 3, H, W) in [0, 1] at the image size (a ControlNet's control map)",
     "numbers": "float (B, N): N numbers per item (one row for all items, or one per image)",
 }
 
@@ -51,6 +52,7 @@ INPUT_KEYS: dict[str, InputKey] = {key.name: key for key in (
     InputKey("crop_coords_top_left", "numbers", optional=True),
     InputKey("target_size", "numbers", optional=True),
     InputKey("aesthetic_score", "numbers", optional=True),
+    InputKey("control", "map"),  # read by a ControlNet adapter (latentgen.adapters.controlnet)
 )}
 
 

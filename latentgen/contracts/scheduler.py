@@ -22,12 +22,16 @@ class Scheduler(abc.ABC):
     `__call__` calls after checking the grid, or `__call__` itself (k-diffusion's style); both are
     public API. `x` starts as noise * sigmas[0] (or a partly noised image for img2img, which is just
     a shorter grid). Declared, for users and for the accuracy tests: `stochastic` (whether it
-    injects fresh noise) and `order` (its convergence order as an ODE solver; stochastic samplers
-    converge weakly and declare the order of their deterministic skeleton).
+    injects fresh noise), `order` (its convergence order as an ODE solver; stochastic samplers
+    converge weakly and declare the order of their deterministic skeleton) and `consistency` (it needs
+    a consistency-distilled model, as LCM does).
     """
 
     stochastic: bool = False
     order: int = 1
+    # True for a sampler meant for consistency-distilled models (LCM): denoise must then be a consistency
+    # function (any point of an ODE trajectory -> its end), which an ordinary denoiser is not.
+    consistency: bool = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

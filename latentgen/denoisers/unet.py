@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from latentgen.contracts import Denoiser
@@ -252,7 +253,12 @@ class UNet(Denoiser):
         )
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
-
+        # Residual sources (a ControlNet adapter adds one): source(x, t, cond) -> one tensor per skip connection
+        # and one for the middle block's output, added there (Zhang et al. 2023, Fig. 3), or None to add nothing.
+        self.residual_sources: list = []
+        # Training option (not a build parameter): recompute each block in the backward pass instead of storing its
+        # activations (Chen et al. 2016), for fine-tuning on little memory.
+        self.gradient_checkpointing = False
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None
@@ -271,14 +277,25 @@ class UNet(Denoiser):
         h = x.to(dtype)
         if self.concat_channels:
             h = torch.cat([h, cond["concat"].to(dtype)], dim=1)  # (B, in_channels, h, w)
+        residuals = [found for source in self.residual_sources if (found := source(x, t, cond)) is not None]
+        run = self._checkpointed if self.gradient_checkpointing and self.training and torch.is_grad_enabled() \
+            else (lambda block, *args: block(*args))
         skips = []
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = run(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = run(self.middle_block, h, emb, context)
+        if residuals:
+            *to_skips, to_middle = (sum(parts) for parts in zip(*residuals))
+            h = h + to_middle.to(dtype)
+            skips = [skip + residual.to(dtype) for skip, residual in zip(skips, to_skips)]
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)
+
+    @staticmethod
+    def _checkpointed(block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
 
 
 def _one_context_dim(context_dim: int | Sequence[int] | None) -> int | None:

@@ -9,9 +9,14 @@ Heun-type corrector is evaluated by whichever model owns its noise level.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from latentgen.contracts.scheduler import DenoiseFn
+
+if TYPE_CHECKING:
+    from latentgen.diffusion.noise_schedule import DiscreteNoiseSchedule
 
 # Grid sigmas reach a denoiser as float32; neighbouring grid points differ by far more than this.
 _SAME = 1e-5
@@ -22,6 +27,12 @@ class NoiseLevelExperts:
 
     def __init__(self, high: DenoiseFn, low: DenoiseFn, switch: float):
         self.high, self.low, self.switch = high, low, float(switch)
+
+    @property
+    def noise_schedule(self) -> DiscreteNoiseSchedule | None:
+        """The high-noise expert's discrete noise schedule, or None (the optional `denoise.noise_schedule`
+        protocol): the grid starts in its noise levels, so timestep-based samplers (lcm, tcd) use its timesteps."""
+        return getattr(self.high, "noise_schedule", None)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         above = torch.as_tensor(sigma).double().flatten() > self.switch * (1 + _SAME)

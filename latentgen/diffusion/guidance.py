@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
+
+if TYPE_CHECKING:
+    from latentgen.diffusion.noise_schedule import DiscreteNoiseSchedule
 
 Cond = Mapping[str, torch.Tensor]
 
@@ -32,6 +35,12 @@ class ClassifierFreeGuidance:
         self.uncond = dict(uncond) if uncond is not None else None
         self.scale = float(scale)
         self.rescale = float(rescale)
+
+    @property
+    def noise_schedule(self) -> DiscreteNoiseSchedule | None:
+        """The model's discrete noise schedule (a DiscreteNoiseSchedule), or None if the model has none: the
+        optional `denoise.noise_schedule` protocol, read by samplers that need the model's timesteps (lcm, tcd)."""
+        return getattr(self.model, "schedule", None)
 
     @property
     def guided(self) -> bool:

@@ -29,3 +29,8 @@ class MaskBlendedDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self.blend(self.denoise(x, sigma))
+
+    @property
+    def noise_schedule(self):
+        """The wrapped denoiser's discrete schedule, for samplers that need timesteps (lcm, tcd)."""
+        return getattr(self.denoise, "noise_schedule", None)

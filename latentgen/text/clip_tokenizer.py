@@ -144,6 +144,8 @@ class CLIPTokenizer:
         self.pad_id = int(pad_id)
         self.bos_id = self.vocab.encoder[BOS_TOKEN]  # 49406
         self.eos_id = self.vocab.encoder[EOS_TOKEN]  # 49407
+        # Words added by textual-inversion embeddings: each stands for ids beyond the vocabulary.
+        self.added: dict[str, list[int]] = {}
 
     def __getstate__(self) -> dict:
         # Copies and pickles share the process-wide vocabulary instead of carrying its tables.
@@ -161,7 +163,17 @@ class CLIPTokenizer:
         return self.vocab.encoder[token]
 
     def encode(self, text: str) -> list[int]:
-        """The BPE ids of `text` after cleaning, without BOS, EOS or truncation."""
+        """The BPE ids of `text` after cleaning, without BOS, EOS or truncation; an added word (matched whole,
+        ignoring case) gives its own ids."""
+        if self.added:
+            words = "|".join(re.escape(word.lower()) for word in sorted(self.added, key=len, reverse=True))
+            parts = re.split(rf"(?<![\w<>])({words})(?![\w<>])", clean_text(text))
+            added = {word.lower(): ids for word, ids in self.added.items()}
+            return [i for index, part in enumerate(parts)
+                    for i in (added[part] if index % 2 else self._encode_plain(part))]
+        return self._encode_plain(text)
+
+    def _encode_plain(self, text: str) -> list[int]:
         ids = []
         for piece in _pieces(clean_text(text)):
             if piece in (BOS_TOKEN, EOS_TOKEN):

@@ -28,9 +28,13 @@ class FusedSelfAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v of x, (B, L, 3D); a method of its own so that an unmerged LoRA can add to its rows."""
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D)
         batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3D)
+        qkv = self.in_projection(x)  # (B, L, 3D)
         q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, L, D/H)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))

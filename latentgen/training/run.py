@@ -26,7 +26,7 @@ from latentgen.config.containers import to_plain
 from latentgen.config.settings import TrainRunSettings, app_settings
 from latentgen.config.typed import as_plain
 from latentgen.errors import ConfigError
-from latentgen.kinds import module_parts
+from latentgen.kinds import module_parts, pipeline_parts
 from latentgen.memory import check_fits, training_bytes
 from latentgen.pipeline import LatentDiffusionPipeline
 from latentgen.run_dir import clear, holding
@@ -83,11 +83,15 @@ def run_training(cfg: Any, run_dir: Path, resume: bool = False) -> Path:
         distributed.stop(started)
 
 
-def build_parts(config: Mapping[str, Any]) -> tuple[Any, LatentDiffusionPipeline]:
-    """The run's dataset and untrained pipeline, refusing image sizes the codec or denoiser cannot tile
-    (what latentgen-train also does to check a config before it starts)."""
+def build_parts(config: Mapping[str, Any], weights: bool = True) -> tuple[Any, LatentDiffusionPipeline | None]:
+    """The run's dataset and untrained pipeline (or, with `base`, the pipeline that checkpoint holds), refusing
+    image sizes the codec or denoiser cannot tile (what latentgen-train also does to check a config before it
+    starts). `weights=False`: a base is built from its header on the meta device (None where the header cannot
+    tell), so checking a config reads no weights."""
     dataset = build_component("dataset", config["dataset"])
-    pipe = LatentDiffusionPipeline.from_config(config)
+    pipe = base_pipeline(config, weights) if config.get("base") else LatentDiffusionPipeline.from_config(config)
+    if pipe is None:
+        return dataset, None
     size = getattr(dataset, "image_size", None)
     sampling = config.get("sampling") or {}
     sizes = {"dataset.image_size": (size, size), "sampling.height/width": (sampling.get("height"),
@@ -102,11 +106,29 @@ def build_parts(config: Mapping[str, Any]) -> tuple[Any, LatentDiffusionPipeline
     return dataset, pipe
 
 
-def check_batches_fit(config: Mapping[str, Any], dataset: Any, pipe: LatentDiffusionPipeline,
+def base_pipeline(config: Mapping[str, Any], weights: bool = True) -> LatentDiffusionPipeline | None:
+    """The pipeline of the `base` checkpoint (any registered format, with `base_options`); with `weights=False`
+    its config from the header, built on the meta device."""
+    from latentgen.formats.dispatch import format_for
+
+    path, options = Path(str(config["base"])), dict(config.get("base_options") or {})
+    if not path.exists():
+        raise ConfigError(f"base: no file '{path}'; give the checkpoint the adapter is trained on")
+    if weights:
+        return LatentDiffusionPipeline.from_checkpoint(path, **options)
+    header = format_for(path).config(path, **options)
+    if header is None:
+        return None
+    with torch.device("meta"):  # the parts allocate nothing; the noise schedule is computed as usual
+        parts = {name: build_component(name, header.get(name)) for name in pipeline_parts()}
+    return LatentDiffusionPipeline(**parts, diffusion=header.get("diffusion"), sampling=header.get("sampling"))
+
+
+def check_batches_fit(config: Mapping[str, Any], dataset: Any, pipe: LatentDiffusionPipeline | None,
                       device: torch.device) -> None:
     """Refuse a micro-batch of either stage that cannot fit in `device`'s free memory (latentgen.memory)."""
     size = getattr(dataset, "image_size", None)
-    if size is None:
+    if size is None or pipe is None:
         return
     latent = pipe.latent_size(size, size)
     for stage in ("codec", "denoiser"):
@@ -163,6 +185,30 @@ class TrainingRun:
         self.seconds = {"codec": 0.0, "denoiser": 0.0}
         if group.distributed:
             self.summary["processes"] = group.world_size
+        self.adapter = self._trained_adapter()
+        if self.train_settings.get("gradient_checkpointing"):
+            if not hasattr(self.pipe.denoiser, "gradient_checkpointing"):
+                raise ConfigError(f"train.gradient_checkpointing: denoiser '{self.pipe.denoiser.name}' does not support "
+                                  f"it; set it to false")
+            self.pipe.denoiser.gradient_checkpointing = True
+
+    def _trained_adapter(self) -> Any:
+        """With `train.adapter`: every weight frozen and that new adapter attached, the only thing trained; the
+        run's checkpoint is then the adapter's file."""
+        node = self.train_settings.get("adapter")
+        if not node:
+            return None
+        for module in self.pipe.modules():
+            module.requires_grad_(False)
+        adapter = build_component("adapter", node)
+        if not callable(getattr(adapter, "save", None)) or not callable(getattr(adapter, "state_dict", None)):
+            raise ConfigError(f"train.adapter: adapter '{adapter.name}' cannot be trained (it has no save() and "
+                              f"state_dict()); train trainable_lora")
+        self.pipe.attach(adapter)
+        self.checkpoint_path = self.run_dir / "checkpoints" / getattr(adapter, "file_name", "adapter.safetensors")
+        self.summary["checkpoint"] = str(self.checkpoint_path)
+        self.summary["adapter"] = adapter.describe()
+        return adapter
 
     # ---- the run ------------------------------------------------------------------------------
 
@@ -171,7 +217,9 @@ class TrainingRun:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         state = self._resumable_state() if resume else None
         if state is not None:
-            for kind in module_parts():
+            if self.adapter is not None:
+                self.adapter.load_state_dict(state["adapter"])
+            for kind in state["modules"]:
                 load_module_state(getattr(self.pipe, kind), state["modules"][kind], kind, self.state_path)
             self._set_scale_factor(state["scale_factor"])
             self.summary, self.seconds = {**state["summary"], "device": str(self.device)}, dict(state["seconds"])
@@ -293,7 +341,11 @@ class TrainingRun:
         return cache
 
     def _save_pipeline(self, pipe: LatentDiffusionPipeline, stage: str, step: int) -> None:
-        pipe.save(self.checkpoint_path, metadata={"latentgen.stage": stage, "latentgen.step": str(step)})
+        metadata = {"latentgen.stage": stage, "latentgen.step": str(step)}
+        if self.adapter is not None:  # the base stays where it is: the run's result is the adapter's file
+            self.adapter.save(self.checkpoint_path, {**metadata, "latentgen.base": str(self.config["base"])})
+            return
+        pipe.save(self.checkpoint_path, metadata=metadata)
 
     def _set_scale_factor(self, scale: float) -> None:
         self.pipe.codec.scale_factor = float(scale)
@@ -309,7 +361,10 @@ class TrainingRun:
         if trainer is not None:
             seconds[stage] += time.perf_counter() - began
         state = {"stage": stage, "step": step, "scale_factor": float(self.pipe.codec.scale_factor),
-                 "modules": {kind: getattr(self.pipe, kind).state_dict() for kind in module_parts()},
+                 # training an adapter, only its weights change: the base is read again from its file
+                 "modules": {} if self.adapter else {kind: getattr(self.pipe, kind).state_dict()
+                                                      for kind in module_parts()},
+                 "adapter": self.adapter.state_dict() if self.adapter else None,
                  "trainer": trainer.state_dict() if trainer is not None else None,
                  "rng": rng.capture(self.generator), "summary": self.summary, "seconds": seconds}
         save_state(self.state_path, state, {"latentgen.config": self.config, "latentgen.stage": stage,

@@ -33,6 +33,10 @@ PARTNERS.update({("denoiser", name): ["denoiser.depth=1", "denoiser.hidden_size=
 
 # The image-folder dataset reads a folder: two small PNGs (one captioned) kept with the tests.
 PARTNERS[("dataset", "image_folder")] = [f"dataset.path={Path(__file__).parents[1] / 'data' / 'image_folder'}"]
+# experiment=lora trains an adapter on a `base` checkpoint (tests/adapters/test_lora_training.py runs it); here
+# its config composes, with the config's own components standing in for the base's.
+PARTNERS[("experiment", "lora")] = [*PARTNERS[("dataset", "image_folder")], "base=some-model.safetensors",
+                                    "dataset.image_size=64"]
 
 
 def test_every_group_lists_every_registered_component():

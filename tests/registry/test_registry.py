@@ -33,6 +33,7 @@ def _declared_builtins() -> dict[str, list[str]]:
 
 BUILTINS = _declared_builtins()
 
+_GOLDEN = Path(os.environ.get("LATENTGEN_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "golden"
 # Small parameters so that building every built-in takes a fraction of a second on a CPU.
 SMALL_PARAMS = {
     ("codec", "identity"): {},
@@ -66,12 +67,18 @@ SMALL_PARAMS = {
     ("scheduler", "lms"): {},
     ("scheduler", "plms"): {},
     ("scheduler", "unipc"): {},
+    ("scheduler", "lcm"): {},
+    ("scheduler", "tcd"): {},
     ("dataset", "shapes"): dict(image_size=16, size=8),
     ("dataset", "digits"): dict(image_size=16),
     ("dataset", "image_folder"): dict(path=str(Path(__file__).parents[1] / "data" / "image_folder"), image_size=16),
     ("format", "latentgen"): {},
     ("format", "stable_diffusion"): {},
     ("format", "sdxl"): {},
+    ("adapter", "lora"): dict(path=str(_GOLDEN / "lora-tiny-kohya.safetensors"), scale=0.5),
+    ("adapter", "controlnet"): dict(path=str(_GOLDEN / "controlnet-tiny-weights.safetensors")),
+    ("adapter", "trainable_lora"): dict(rank=2),
+    ("adapter", "embedding"): dict(path=str(Path(__file__).parents[1] / "data" / "embeddings" / "tiny-style.pt")),
 }
 
 CORE_VERSION = importlib.metadata.version("latentgen")

@@ -4,7 +4,6 @@ to compare before and after, and tripwires that record any training step or weig
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import sys
 from pathlib import Path
@@ -64,17 +63,3 @@ def tripwires(monkeypatch):
     monkeypatch.setattr(WeightsFile, "tensor", recording("weights read", WeightsFile.tensor))
     monkeypatch.setattr(safetensors.torch, "load_file", recording("weights read", safetensors.torch.load_file))
     return called
-
-
-def existing_run(path: Path) -> Path:
-    """A run directory with an earlier job's record and files in it (what a refused start must not touch)."""
-    (path / ".hydra").mkdir(parents=True)
-    (path / ".hydra" / "config.yaml").write_text("earlier: job\n")
-    (path / "notes.txt").write_text("kept\n")
-    return path
-
-
-def snapshot(path: Path) -> dict[str, str]:
-    """Every file under `path` (hidden ones too) with its content's hash."""
-    return {str(file.relative_to(path)): hashlib.sha256(file.read_bytes()).hexdigest()
-            for file in sorted(path.rglob("*")) if file.is_file()}

@@ -7,7 +7,7 @@ The apps run in this process (their `main`, with the command line patched): a fr
 from __future__ import annotations
 
 import pytest
-from conftest import existing_run, snapshot
+from run_snapshots import existing_run, snapshot
 
 # (app, arguments, what the one error line must name). Train cases add experiment=smoke; sample cases a
 # checkpoint and a prompt; eval cases a checkpoint.
@@ -130,6 +130,16 @@ CASES = [
      "the refiner works in another latent space than the base (scale_factor 0.13025 vs 0.18215)"),
     ("sample", ["checkpoint={golden}/sd-tiny-weights.safetensors", "original_config={golden}/sdxl-tiny-config.yaml"],
      "is an SDXL (sgm) inference YAML, but the checkpoint is a Stable Diffusion v1/v2 file"),
+    # adapters: every file read and checked before the checkpoint's weights
+    ("sample", ["lora=/nonexistent/style.safetensors"],
+     "adapter 0 (lora): LoRA file '/nonexistent/style.safetensors' does not exist"),
+    ("sample", ["lora={golden}/controlnet-tiny-weights.safetensors"], "is not a LoRA file"),
+    ("sample", ["controlnet={golden}/lora-tiny-kohya.safetensors"], "adapter 0 (controlnet): "),
+    ("sample", ["adapters=[{{name: nope}}]"], "unknown adapter 'nope'"),
+    ("sample", ["adapters=[5]"], "adapters[0]=5: must be a mapping with a name"),
+    ("sample", ["adapters=[{{name: lora, path: {golden}/lora-tiny-kohya.safetensors, scale: big}}]"],
+     "scale must be a finite number"),
+    ("sample", ["lora_scale=big"], "lora_scale='big'"),
     # latentgen-eval
     ("eval", ["num_samples=0"], "num_samples=0"),
     ("eval", ["steps=0"], "steps=0"),

@@ -12,7 +12,7 @@ from importlib.metadata import EntryPoint
 
 import pytest
 import torch
-from conftest import existing_run, snapshot
+from run_snapshots import existing_run, snapshot
 from safetensors.torch import save_file
 
 from latentgen import registry

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import existing_run, snapshot
+from run_snapshots import existing_run, snapshot
 
 from latentgen.errors import ConfigError
 from latentgen.run_dir import claim, release_all
