@@ -37,6 +37,7 @@ TRAINING = {  # name -> (image size, gradient checkpointing)
     "train256": (256, True),
     "train512": (512, True),
     "train256-no-checkpointing": (256, False),
+    "train512-no-checkpointing": (512, False),
 }
 
 

@@ -8,7 +8,7 @@ Two ways to apply, both detached exactly:
 
 - `merge=True` (default, as A1111 and ComfyUI do): the deltas are added to the weights in place, so sampling
   costs nothing extra; the weights it changes are copied first (memory: one copy of each patched weight) and
-  copied back on detach. Changing `scale` re-merges from those copies.
+  copied back on detach. Changing `scale` adds the difference (detach still restores the copies exactly).
 - `merge=False`: forward hooks add m * scale * up(down(x)) to each patched module's output at run time
   (diffusers' unfused form): no weight copies, a small cost per call, `scale` read at each call.
 
@@ -70,12 +70,10 @@ class LoRA(Adapter):
         self._rescale(self._scale, None if value is None else _multiplier("text_scale", value))
 
     def _rescale(self, scale: float, text_scale: float | None) -> None:
-        pipeline = self._pipeline if self.merge else None
-        if pipeline is not None:
-            self._restore()
+        old = {part: self.multiplier(part) for part in ("unet", "text")}
         self._scale, self._text_scale = scale, text_scale
-        if pipeline is not None:
-            self._merge_all()
+        if self.merge and self._pipeline is not None:  # add the difference: LoRAs merged after this one stay
+            self._merge_all({part: self.multiplier(part) - old[part] for part in old})
 
     def multiplier(self, part: str) -> float:
         return self.text_scale if part == "text" else self._scale
@@ -149,12 +147,14 @@ class LoRA(Adapter):
     # ---- merged --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _merge_all(self) -> None:
+    def _merge_all(self, multipliers: dict[str, float] | None = None) -> None:
+        """Add each delta times its part's multiplier (or the given ones), copying each weight first."""
         for target, pair in self._plan:
             weight = target.weight
             if id(weight) not in self._backups:
                 self._backups[id(weight)] = (weight, weight.detach().clone())
-            delta = self.multiplier(target.part) * pair.delta().reshape(target.shape()).to(weight.device)
+            multiplier = self.multiplier(target.part) if multipliers is None else multipliers[target.part]
+            delta = multiplier * pair.delta().reshape(target.shape()).to(weight.device)
             view = weight.data if target.rows is None else weight.data[target.rows]
             view.copy_((view.float() + delta).to(weight.dtype))
 

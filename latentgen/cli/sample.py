@@ -285,8 +285,15 @@ def _sample(cfg: DictConfig) -> None:
         captions = [str(c) for c in (prompts or labels or [""]) for _ in range(settings.num_images)][: len(images)]
         out = run_dir / "images"  # file names are numbers: nothing of a prompt becomes a path
         out.mkdir(parents=True, exist_ok=True)
-        for index, image in enumerate(images):
-            image.save(out / f"{index:04d}.png")
+        from PIL.PngImagePlugin import PngInfo
+
+        for index, image in enumerate(images):  # each PNG carries what made it (a "latentgen" text chunk)
+            info = PngInfo()
+            info.add_text("latentgen", json.dumps({
+                "checkpoint": str(settings.checkpoint), "caption": captions[index] if index < len(captions) else "",
+                "seed": settings.seed, "index": index, "scheduler": pipe.scheduler.name, "steps": steps,
+                "adapters": [adapter.describe() for adapter in adapters]}))
+            image.save(out / f"{index:04d}.png", pnginfo=info)
         grid(images, columns=settings.num_images if (prompts or labels) else None,
              labels=captions if any(captions) else None).save(run_dir / "grid.png")
         (run_dir / "sample.json").write_text(json.dumps({

@@ -163,3 +163,41 @@ def test_a_whole_model_file_with_the_sd_weights_too(sd_tiny, golden, control_io,
     sd_tiny.attach(registry.build("adapter", "controlnet", path=path))
     assert rel_err(controlled(sd_tiny, control_io, control=control_io["control.hint"]),
                    control_io["unet.out_controlled"]) < 1e-4
+
+
+def test_an_sdxl_controlnet_copies_the_encoder_with_its_vector_input(sdxl_tiny, tmp_path):
+    """A control_model.* ControlNet for an SDXL UNet (label_emb for the vector). With the UNet's own encoder
+    weights, identity zero convs and a hint block whose last conv is zero, its residuals are exactly the
+    UNet's skip activations and middle output: the structure, the time and vector embeddings all line up."""
+    from latentgen.adapters.controlnet_model import ControlNetModel
+
+    unet = sdxl_tiny.denoiser
+    net = ControlNetModel(unet.build_params)
+    state = net.state_dict()
+    for key, value in unet.state_dict().items():
+        if key in state:
+            state[key] = value.clone()
+    for key, value in state.items():
+        if key.startswith(("zero_convs.", "middle_block_out.")):
+            state[key] = (torch.eye(value.shape[0])[:, :, None, None] if key.endswith("weight")
+                          else torch.zeros_like(value))
+        elif key.startswith("input_hint_block.14."):
+            state[key] = torch.zeros_like(value)
+    path = tmp_path / "control_sdxl.safetensors"
+    safetensors.torch.save_file({f"control_model.{k}": v.contiguous() for k, v in state.items()}, str(path))
+    adapter = sdxl_tiny.attach(registry.build("adapter", "controlnet", path=path))
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([300.0])
+    cond = {"crossattn": torch.randn(1, 77, 24), "vector": torch.randn(1, 1560)}
+    skips = []
+    hooks = [block.register_forward_hook(lambda m, i, o: skips.append(o)) for block in [*unet.input_blocks,
+                                                                                         unet.middle_block]]
+    with torch.no_grad():
+        plain = unet(x, t, cond)
+        for hook in hooks:
+            hook.remove()
+        residuals = adapter.model(x, torch.rand(1, 3, 128, 128), t, cond)
+        controlled = unet(x, t, {**cond, "control": torch.rand(1, 3, 128, 128)})
+    assert len(residuals) == len(skips) == len(unet.input_blocks) + 1
+    for ours, theirs in zip(residuals, skips):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+    assert not torch.allclose(controlled, plain)  # every skip doubled

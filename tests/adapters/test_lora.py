@@ -82,6 +82,17 @@ def test_two_loras_add_up_in_order_and_detaching_the_first_keeps_the_second(sd_t
     assert torch.equal(unet_out(sd_tiny, lora_io), base)
 
 
+def test_rescaling_a_merged_lora_keeps_the_ones_merged_after_it(sd_tiny, golden, lora_io):
+    base = unet_out(sd_tiny, lora_io)
+    first = sd_tiny.attach(lora(golden, "kohya", scale=0.25))
+    second = sd_tiny.attach(lora(golden, "peft", scale=0.5))
+    first.scale = 0.5  # 0.5 + 0.5: the golden output at 1.0
+    assert rel_err(unet_out(sd_tiny, lora_io), lora_io["unet.out_lora_1.0"]) < 1e-4
+    sd_tiny.detach(second)
+    sd_tiny.detach(first)
+    assert torch.equal(unet_out(sd_tiny, lora_io), base)
+
+
 def test_sampling_with_a_lora_and_moving_the_pipeline(sd_tiny_sampler, golden):
     sd_tiny = sd_tiny_sampler
     plain = sd_tiny(["x"], steps=2, height=128, width=128, seed=0, output_type="latent")

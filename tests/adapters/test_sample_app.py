@@ -76,6 +76,8 @@ def test_sample_with_lora_controlnet_and_adapters_list(files, tmp_path):
     assert styled["adapters"] == [{"name": "lora", "path": f"{root}/style.safetensors", "scale": 0.7,
                                    "text_scale": None, "merge": True}]
     assert np.abs(styled_image - plain_image).mean() > 0.5
+    made_by = json.loads(Image.open(styled["images"][0]).text["latentgen"])  # the PNG carries its record
+    assert made_by["adapters"] == styled["adapters"] and made_by["caption"] == "a red circle"
     controlled, controlled_image = sample([*base, f"controlnet={root}/control.safetensors",
                                            f"conditioning.control={root}/edges.png"], tmp_path / "control")
     assert controlled["adapters"][0]["name"] == "controlnet"
