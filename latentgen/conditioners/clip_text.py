@@ -62,6 +62,7 @@ class CLIPTextConditioner(Conditioner):
         self.dropout = float(dropout)
         self.input_keys = (input_key,)
         self._tokenizer: CLIPTokenizer | None = None  # built on first use: reading the vocabulary takes ~0.1 s
+        self._added_weights: list[nn.Parameter] = []  # token embeddings before each add_word, for remove_word
         if layout == "clip":
             self.transformer = CLIPTextTransformer(vocab_size, width, intermediate_size, layers, heads, max_length,
                                                    hidden_act)
@@ -156,7 +157,6 @@ class CLIPTextConditioner(Conditioner):
             raise ValueError(f"conditioner '{self.name}': the word '{word}' is already added; detach the embedding "
                              f"that added it first")
         first = embedding.num_embeddings
-        self._added_weights = getattr(self, "_added_weights", [])
         self._added_weights.append(embedding.weight)  # restored as the same Parameter object on removal
         grown = torch.cat([embedding.weight.detach(), vectors.to(embedding.weight)])
         embedding.weight = nn.Parameter(grown, requires_grad=embedding.weight.requires_grad)
