@@ -42,6 +42,8 @@ SMALL_PARAMS = {
                           resolution=16),
     ("denoiser", "unet"): dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1], num_res_blocks=1,
                                attention_resolutions=[], num_head_channels=16),
+    ("denoiser", "mmdit"): dict(in_channels=4, out_channels=4, depth=2, context_dim=8, vector_dim=8,
+                                pos_embed_max_size=8, dual_attention_layers=[0]),
     ("denoiser", "dit"): dict(in_channels=6, out_channels=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
                               context_dim=8, vector_dim=8, concat_channels=2),
     ("conditioner", "null"): {},
