@@ -22,6 +22,10 @@ class KLCodec(Codec):
     original `AutoencoderKL`, so `state_dict()` keys equal a Stable Diffusion checkpoint's
     `first_stage_model.*` keys with that prefix removed. The defaults are SD v1's KL-f8 except
     `scale_factor`, which is a property of the trained weights (0.18215 for SD v1) and so left at 1.
+
+    Stable Diffusion 3's 16-channel VAE: `quant_convs=False` (its encoder and decoder meet the latent
+    directly) and `shift_factor` 0.0609 with `scale_factor` 1.5305: latents = (z - shift) * scale
+    (SD3LatentFormat; the shift is 0 for every earlier model).
     """
 
     def __init__(
@@ -36,6 +40,8 @@ class KLCodec(Codec):
         z_channels: int | None = None,
         scale_factor: float = 1.0,
         image_channels: int = 3,
+        shift_factor: float = 0.0,
+        quant_convs: bool = True,
     ) -> None:
         super().__init__()
         z_channels = build_autoencoder_body(
@@ -43,10 +49,17 @@ class KLCodec(Codec):
             num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions, resolution=resolution,
             dropout=dropout, z_channels=z_channels, scale_factor=scale_factor, image_channels=image_channels,
             double_z=True)
+        self.shift_factor = float(shift_factor)
         # 1x1 convs between the encoder/decoder width z_channels and the latent width, named as in
         # the original (nothing is quantized in the KL variant; the name is kept for the weights).
-        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * latent_channels, kernel_size=1)
-        self.post_quant_conv = nn.Conv2d(latent_channels, z_channels, kernel_size=1)
+        if quant_convs:
+            self.quant_conv = nn.Conv2d(2 * z_channels, 2 * latent_channels, kernel_size=1)
+            self.post_quant_conv = nn.Conv2d(latent_channels, z_channels, kernel_size=1)
+        elif z_channels != latent_channels:
+            raise ValueError(f"codec 'KLCodec': without quant_convs the latent is the encoder's output, so z_channels "
+                             f"({z_channels}) must equal latent_channels ({latent_channels})")
+        else:
+            self.quant_conv, self.post_quant_conv = nn.Identity(), nn.Identity()
 
     def posterior(self, images: torch.Tensor) -> DiagonalGaussian:
         """The unscaled posterior q(z | images) over (B, latent_channels, H/f, W/f)."""
@@ -57,11 +70,11 @@ class KLCodec(Codec):
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         posterior = self.posterior(images)
         latents = posterior.mean if generator is None else posterior.sample(generator)
-        return latents * self.scale_factor
+        return (latents - self.shift_factor) * self.scale_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self.check_latents(latents)
-        return self._decode_unscaled(latents / self.scale_factor)
+        return self._decode_unscaled(latents / self.scale_factor + self.shift_factor)
 
     def autoencode(
         self, images: torch.Tensor, generator: torch.Generator | None = None
