@@ -65,6 +65,9 @@ KINDS: tuple[Kind, ...] = (
     Kind("format", "latentgen.formats", "latentgen.contracts.checkpoint_format:CheckpointFormat",
          "a file layout holding a whole pipeline: sniff, load, save",
          check="latentgen.testing.format_contract:check_format"),
+    Kind("process", "latentgen.processes", "latentgen.contracts.process:Process",
+         "how data is noised in training and what the network predicts (DDPM, EDM, rectified flow)",
+         hydra_group="process", slot="callable"),
     Kind("adapter", "latentgen.adapters", "latentgen.contracts.adapter:Adapter",
          "attached to a pipeline, changes what it computes, reversibly (LoRA, ControlNet, embeddings)"),
 )

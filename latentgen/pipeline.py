@@ -22,9 +22,8 @@ from latentgen.contracts.input_keys import INPUT_KEYS
 from latentgen.diffusion.guidance import ClassifierFreeGuidance
 from latentgen.diffusion.inpainting import latent_mask
 from latentgen.diffusion.noise_schedule import DiscreteNoiseSchedule
-from latentgen.diffusion.prediction import DiscreteTimeDenoiser
+from latentgen.diffusion.prediction import ProcessDenoiser
 from latentgen.diffusion.sampling import img2img_sigmas, sample
-from latentgen.diffusion.sigma_grids import sigma_grid
 from latentgen.errors import AdapterError, CheckpointError
 from latentgen.formats.dispatch import call_with_options, format_for
 from latentgen.imaging import to_pil
@@ -40,14 +39,18 @@ class LatentDiffusionPipeline:
     """Text/label/unconditional generation in a codec's latent space (Rombach et al. 2022).
 
     Holds one part per kind the kinds table gives a pipeline slot (`codec`, `denoiser`, `conditioner`,
-    `scheduler`, ...), the discrete noise schedule the denoiser was trained on and its `prediction_type`.
-    Refuses an incompatible assembly at construction.
+    `scheduler`, `process`, ...); without a process, the discrete one its `diffusion` settings describe (what
+    every checkpoint written before processes were a kind holds). Refuses an incompatible assembly at
+    construction.
     """
 
     def __init__(self, codec: Codec, denoiser: Denoiser, conditioner: Conditioner | None = None,
                  scheduler: Scheduler | None = None, diffusion: Mapping[str, Any] | None = None,
                  sampling: Mapping[str, Any] | None = None, **parts: Any):
         parts.update(codec=codec, denoiser=denoiser, conditioner=conditioner, scheduler=scheduler)
+        self.diffusion = as_plain(parse(DiffusionSettings, to_plain(diffusion), "diffusion"))
+        if parts.get("process") is None:  # no process named: the discrete one the `diffusion` settings describe
+            parts["process"] = build_component("process", {"name": "discrete", **self.diffusion})
         unknown = sorted(set(parts) - set(pipeline_parts()))
         if unknown:
             raise TypeError(f"a pipeline has no part {unknown}; its parts are {', '.join(pipeline_parts())}")
@@ -58,11 +61,8 @@ class LatentDiffusionPipeline:
                 raise TypeError(f"the pipeline's {name} must be a latentgen.{base.__name__}; got {type(part).__name__}")
             setattr(self, name, part)
         check_compatible(self.codec, self.denoiser, self.conditioner)
-        self.diffusion = as_plain(parse(DiffusionSettings, to_plain(diffusion), "diffusion"))
         self.sampling = as_plain(parse(SamplingDefaults, to_plain(sampling), "sampling"))
-        self.schedule = DiscreteNoiseSchedule.from_settings(self.diffusion)
-        self.model = DiscreteTimeDenoiser(self.denoiser, self.schedule, self.diffusion["prediction_type"],
-                                          self.diffusion["trained_timesteps"])
+        self.model = ProcessDenoiser(self.denoiser, self.process)
         self._adapters: list[Adapter] = []
 
     # ---- construction and checkpoints ---------------------------------------------------------
@@ -73,7 +73,9 @@ class LatentDiffusionPipeline:
         `{name, **params}` or Hydra's `{_target_: latentgen.registry.build, kind, name, ...}`) and
         optional `diffusion` and `sampling` settings; other keys (dataset, training) are ignored."""
         config = to_plain(config)
-        parts = {name: build_component(name, config.get(name)) for name in pipeline_parts()}
+        # a part the config leaves out is the constructor's to fill (the process: from `diffusion`)
+        parts = {name: build_component(name, config.get(name)) for name in pipeline_parts()
+                 if config.get(name) is not None or kind(name).default is not None}
         return cls(**parts, diffusion=config.get("diffusion"), sampling=config.get("sampling"))
 
     @classmethod
@@ -189,6 +191,11 @@ class LatentDiffusionPipeline:
         return self
 
     @property
+    def schedule(self) -> DiscreteNoiseSchedule | None:
+        """The discrete noise schedule of a discrete process (timestep-based code reads it); None for others."""
+        return self.model.schedule
+
+    @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
@@ -245,8 +252,8 @@ class LatentDiffusionPipeline:
                                                              self.codec_device)
         model_applies_mask = self._fill_mask_inputs(batch, images, masks)
         generator = request.generator or _generator(request.seed)
-        grid = sigma_grid(self.schedule, request.steps, request.grid, request.spacing,
-                          float(self.sampling["rho"])).to(self.device)
+        grid = self.process.sigma_grid(request.steps, request.grid, request.spacing, float(self.sampling["rho"]),
+                                       latent_size).to(self.device)
         sigmas = grid if images is None else img2img_sigmas(grid, request.strength)
         denoise = self._guided(batch, request, batch_size, sigmas)
         if refinement is None:

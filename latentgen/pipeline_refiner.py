@@ -37,6 +37,8 @@ def check_same_latent_space(base: Any, refiner: Any) -> None:
 
 
 def _trained_range(model: "DiscreteTimeDenoiser") -> str:
+    if model.schedule is None:  # a continuous process
+        return f"noise levels up to sigma {model.trained_sigma_max:.3g} only"
     return (f"its {model.trained_timesteps} least noisy of {model.schedule.num_timesteps} timesteps only (sigma <= "
             f"{model.trained_sigma_max:.3g})")
 

@@ -159,8 +159,8 @@ class ControlNet(Adapter):
                              f"{hint.shape[1]} channels")
         steps = len(sigmas) - 1
         active = active_steps(steps, self.start, self.end)
-        schedule = self._pipeline.schedule
-        t_of = lambda sigma: float(schedule.sigma_to_t(sigma.double().reshape(1)).float())  # noqa: E731
+        process = self._pipeline.process  # the time the UNet is given for a sigma, as the denoiser computes it
+        t_of = lambda sigma: float(process.network_time(sigma.double().reshape(1)).float())  # noqa: E731
         if active:
             high = t_of(sigmas[active[0]])
             low = t_of(sigmas[active[-1] + 1]) if active[-1] + 1 < steps else -math.inf

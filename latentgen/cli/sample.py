@@ -209,20 +209,18 @@ def check_noise_levels(settings: SampleAppSettings, config: dict | None, refiner
     from latentgen.assembly import build_component
     from latentgen.config.settings import DiffusionSettings, SamplingDefaults
     from latentgen.config.typed import as_plain, parse
-    from latentgen.diffusion.noise_schedule import DiscreteNoiseSchedule
-    from latentgen.diffusion.prediction import DiscreteTimeDenoiser
-    from latentgen.diffusion.sigma_grids import sigma_grid
+    from latentgen.diffusion.prediction import ProcessDenoiser
     from latentgen.pipeline_refiner import check_same_latent_space, check_start, switch_sigma
 
-    def model(of: dict) -> DiscreteTimeDenoiser:  # the sigma-space model without its network
-        diffusion = as_plain(parse(DiffusionSettings, of.get("diffusion"), "diffusion"))
-        return DiscreteTimeDenoiser(None, DiscreteNoiseSchedule.from_settings(diffusion), diffusion["prediction_type"],
-                                    diffusion["trained_timesteps"])
+    def model(of: dict) -> ProcessDenoiser:  # the sigma-space model without its network
+        node = of.get("process") or {"name": "discrete",
+                                     **as_plain(parse(DiffusionSettings, of.get("diffusion"), "diffusion"))}
+        return ProcessDenoiser(None, build_component("process", node))
 
     sampling = as_plain(parse(SamplingDefaults, config.get("sampling"), "sampling"))
     base = model(config)
-    grid = sigma_grid(base.schedule, settings.steps or sampling["steps"], settings.grid or sampling["grid"],
-                      sampling["spacing"], sampling["rho"])
+    grid = base.process.sigma_grid(settings.steps or sampling["steps"], settings.grid or sampling["grid"],
+                                   sampling["spacing"], sampling["rho"])
     img2img = None
     if settings.image is not None:
         from latentgen.diffusion.sampling import img2img_sigmas

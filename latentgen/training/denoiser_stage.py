@@ -82,7 +82,8 @@ class DenoiserTrainer:
         latents, inputs = self.cache.batch(self.order.next())
         sigma = pipe.model.sample_training_sigmas(self.batch_size, self.generator)  # (B,) float64
         noise = torch.randn(latents.shape, generator=self.generator)
-        weights = loss_weights(sigma, pipe.model.prediction_type, self.weighting, self.gamma)
+        weights = loss_weights(sigma, pipe.model.prediction_type, self.weighting, self.gamma) * \
+            pipe.process.loss_weight(sigma).float()
         self.optimizer.zero_grad(set_to_none=True)
         with self.precision.autocast():
             cond = pipe.conditioner.for_training(inputs, self.generator)
@@ -120,7 +121,7 @@ class DenoiserTrainer:
                 for kind in ("denoiser", "conditioner")}
         pipe = self.pipe
         return LatentDiffusionPipeline(pipe.codec, swap["denoiser"], swap["conditioner"], pipe.scheduler,
-                                       pipe.diffusion, pipe.sampling)
+                                       pipe.diffusion, pipe.sampling, process=pipe.process)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "order": self.order.state_dict(),

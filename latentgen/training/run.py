@@ -119,8 +119,10 @@ def base_pipeline(config: Mapping[str, Any], weights: bool = True) -> LatentDiff
     header = format_for(path).config(path, **options)
     if header is None:
         return None
-    with torch.device("meta"):  # the parts allocate nothing; the noise schedule is computed as usual
-        parts = {name: build_component(name, header.get(name)) for name in pipeline_parts()}
+    with torch.device("meta"):  # the parts with weights allocate nothing; the others are built as usual
+        parts = {name: build_component(name, header.get(name)) for name in module_parts()}
+    parts.update({name: build_component(name, header.get(name)) for name in pipeline_parts()
+                  if name not in parts and header.get(name) is not None})
     return LatentDiffusionPipeline(**parts, diffusion=header.get("diffusion"), sampling=header.get("sampling"))
 
 
