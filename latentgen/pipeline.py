@@ -73,9 +73,10 @@ class LatentDiffusionPipeline:
         `{name, **params}` or Hydra's `{_target_: latentgen.registry.build, kind, name, ...}`) and
         optional `diffusion` and `sampling` settings; other keys (dataset, training) are ignored."""
         config = to_plain(config)
-        # a part the config leaves out is the constructor's to fill (the process: from `diffusion`)
+        # a config that names no process (any written before processes were a kind): the constructor makes the
+        # discrete one of its `diffusion` settings
         parts = {name: build_component(name, config.get(name)) for name in pipeline_parts()
-                 if config.get(name) is not None or kind(name).default is not None}
+                 if name != "process" or config.get(name) is not None}
         return cls(**parts, diffusion=config.get("diffusion"), sampling=config.get("sampling"))
 
     @classmethod
