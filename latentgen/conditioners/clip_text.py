@@ -26,9 +26,10 @@ class CLIPTextConditioner(Conditioner):
     layout "clip" is SD v1's tower (attribute `transformer`, keys as `cond_stage_model.transformer.*`),
     "openclip" SD v2's (attribute `model`, keys as `cond_stage_model.model.*`). `layer` "last" is the
     SD v1 convention, "penultimate" SD v2's and SDXL's; `final_norm=False` leaves the tower's final layer
-    norm off that layer's output (SDXL). `pooled=True` ("openclip" only) also gives "vector" (B,
-    projection_dim): the final-normed end-of-text token of the last layer through `text_projection`
-    (SDXL's pooled text embedding). `zero_unconditional=True` makes the unconditional output zeros
+    norm off that layer's output (SDXL). `pooled=True` also gives "vector" (B, projection_dim): the
+    final-normed end-of-text token of the last layer through `text_projection` (SDXL's pooled text
+    embedding); for layout "clip" the projection is transformers' `text_projection` Linear when
+    `projection_dim` is given, and none otherwise (SD3's CLIP-G and CLIP-L pooled vectors). `zero_unconditional=True` makes the unconditional output zeros
     instead of the encoding of "" (what SDXL base's sampling does). `pad_id` and `hidden_act` default to the
     layout's own (49407 and quick_gelu for "clip", 0 and gelu for "openclip"). Defaults otherwise build
     CLIP ViT-L/14's text tower.
@@ -40,14 +41,15 @@ class CLIPTextConditioner(Conditioner):
                  dropout: float = 0.1, input_key: str = "prompt", final_norm: bool = True, pooled: bool = False,
                  projection_dim: int | None = None, zero_unconditional: bool = False):
         super().__init__()
-        if (pooled or projection_dim is not None) and layout != "openclip":
-            raise ValueError(f"conditioner '{self.name}': pooled and projection_dim need layout 'openclip' (its "
-                             f"text_projection); got layout '{layout}'")
+        if projection_dim is not None and layout != "openclip" and not pooled:
+            raise ValueError(f"conditioner '{self.name}': projection_dim projects the pooled vector: pass pooled=true "
+                             f"as well (layout '{layout}')")
         if projection_dim is not None and int(projection_dim) < 1:
             raise ValueError(f"conditioner '{self.name}': projection_dim must be a positive integer; got "
                              f"{projection_dim}")
         self.final_norm, self.pooled, self.zero_unconditional = bool(final_norm), bool(pooled), bool(zero_unconditional)
         self.projection_dim = int(projection_dim) if projection_dim is not None else int(context_dim)
+        project_clip = layout == "clip" and projection_dim is not None
         width = context_dim  # the tower's width is the width of the tokens it gives cross-attention
         self._check_options(layout, width, layers, heads, intermediate_size, vocab_size, max_length,
                             hidden_act, layer, dropout)
@@ -66,6 +68,8 @@ class CLIPTextConditioner(Conditioner):
         if layout == "clip":
             self.transformer = CLIPTextTransformer(vocab_size, width, intermediate_size, layers, heads, max_length,
                                                    hidden_act)
+            if project_clip:  # transformers' CLIPTextModelWithProjection head, used as pooled @ W.T
+                self.text_projection = nn.Linear(width, self.projection_dim, bias=False)
         else:
             self.model = OpenCLIPTextTower(vocab_size, width, layers, heads, intermediate_size / width, max_length,
                                            embed_dim=self.projection_dim, hidden_act=hidden_act)
@@ -135,7 +139,11 @@ class CLIPTextConditioner(Conditioner):
             ends = (input_ids == self.tokenizer.eos_id).int().argmax(dim=-1) if self.tokenizer.added \
                 else input_ids.argmax(dim=-1)
             end = norm(last)[torch.arange(last.shape[0], device=last.device), ends]
-            outputs = {"vector": end @ tower.text_projection}  # (B, projection_dim)
+            if self.layout == "openclip":
+                end = end @ tower.text_projection
+            elif hasattr(self, "text_projection"):
+                end = self.text_projection(end)
+            outputs = {"vector": end}  # (B, projection_dim)
         else:
             hidden, outputs = tower(input_ids, layer=LAYERS[self.layer]), {}  # (B, L, D)
         return {"crossattn": norm(hidden) if self.final_norm else hidden, **outputs}
