@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd_cpu import CHECKPOINT_VERSION, checkpoint_version, make_checkpoint, matmul_peak, peak_rss_gib  # noqa: E402
+from sd_cpu import CHECKPOINT_VERSION, ensure_checkpoint, matmul_peak, peak_rss_gib  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = {  # name -> (scheduler, grid, steps, guidance, lora merge: None = no LoRA)
@@ -150,8 +150,7 @@ def main() -> None:
     unknown = [name for name in configs if name not in SAMPLING and name not in TRAINING]
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {[*SAMPLING, *TRAINING]}")
-    if checkpoint_version(args.file) != CHECKPOINT_VERSION if args.file.exists() else True:
-        make_checkpoint(args.spec, args.file)
+    ensure_checkpoint(args.spec, args.file)
     print(f"{torch.get_num_threads()} threads; 2048^3 bf16 matmul: {matmul_peak('bfloat16'):.0f} GFLOP/s")
     rows = []
     with tempfile.TemporaryDirectory() as work:

@@ -85,6 +85,18 @@ def write_random_checkpoint(spec: Path, path: Path, metadata: dict[str, str]) ->
     save_file(tensors, str(path), metadata=metadata)
 
 
+def ensure_checkpoint(spec: Path, path: Path) -> None:
+    """Write the random checkpoint at `path` unless this version of it is there; a file this script did not
+    write (a real checkpoint) is measured as given and never overwritten."""
+    version = checkpoint_version(path) if path.exists() else None
+    if path.exists() and version is None:  # a real checkpoint, or one written before versions: used as given
+        print(f"{path} was not written by this script's make_checkpoint: measuring it as given")
+    elif version != CHECKPOINT_VERSION:  # missing, or an older file of this script's: the only files it overwrites
+        start = time.perf_counter()
+        make_checkpoint(spec, path)
+        print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.0f} s")
+
+
 def checkpoint_version(path: Path) -> str | None:
     """The make_checkpoint version that wrote `path`, or None for any other file."""
     from safetensors import safe_open
@@ -249,13 +261,7 @@ def main() -> None:
     if REFERENCE not in configs:
         configs.insert(0, REFERENCE)  # errors are measured against it
     configs.sort(key=lambda name: name != REFERENCE)
-    version = checkpoint_version(args.file) if args.file.exists() else None
-    if args.file.exists() and version is None:  # a real checkpoint, or one written before versions: used as given
-        print(f"{args.file} was not written by this script's make_checkpoint: measuring it as given")
-    elif version != CHECKPOINT_VERSION:  # missing, or an older file of this script's: the only files it overwrites
-        start = time.perf_counter()
-        make_checkpoint(args.spec, args.file)
-        print(f"wrote {args.file} ({args.file.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.0f} s")
+    ensure_checkpoint(args.spec, args.file)
     peak_bf16, peak_fp32 = matmul_peak("bfloat16"), matmul_peak("float32")
     print(f"{torch.get_num_threads()} threads; 2048^3 matmul: bf16 {peak_bf16:.0f} GFLOP/s, fp32 {peak_fp32:.0f} GFLOP/s")
 

@@ -137,7 +137,7 @@ class LoRA(Adapter):
         names = self.file.modules
         if any(name.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for name in names):
             return "The file has two text encoders' modules (lora_te1_/lora_te2_): it is an SDXL LoRA."
-        widths = {pair.down.shape[1] for name, pair in names.items() if "attn2" in name and name.endswith(("to_k", "to_k"))}
+        widths = {pair.down.shape[1] for name, pair in names.items() if "attn2" in name and name.endswith("to_k")}
         widths = {w for w in widths if w in _CONTEXT_WIDTHS}
         if widths:
             width = widths.pop()

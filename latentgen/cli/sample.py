@@ -123,9 +123,10 @@ RESULTS = ("sample.json",)  # what a finished run leaves; an earlier run's is ke
 OUTPUTS = ("sample.json", "grid.png", "images", "previews")  # all a run writes
 
 
-def accept(config: dict, run_dir: Path) -> SampleAppSettings:
-    """Every setting checked, the scheduler built, the checkpoint's format found (from its header) and the
-    conditioning files found, and the run directory claimed, before any weight is read or Hydra writes."""
+def accept(config: dict, run_dir: Path) -> tuple[SampleAppSettings, list]:
+    """Every setting checked, the scheduler built, the checkpoint's format found (from its header), the
+    conditioning files found and the adapters built (their files read and checked), and the run directory
+    claimed, before any weight is read or Hydra writes; the settings and the adapters."""
     settings = app_settings(SampleAppSettings, config)  # before torch is imported: a bad value costs a second
     from latentgen.assembly import build_component
     from latentgen.errors import ConfigError
@@ -158,10 +159,10 @@ def accept(config: dict, run_dir: Path) -> SampleAppSettings:
         check_request(settings, refiner_config)
     check_noise_levels(settings, config, refiner_config)
     _check_conditioning(settings.conditioning)
-    build_adapters(adapter_nodes(settings))  # each file read and checked (again when sampling: they are small)
+    adapters = build_adapters(adapter_nodes(settings))
     claim(run_dir)
     refuse_finished(run_dir, RESULTS, settings.overwrite, "latentgen-sample run")
-    return settings
+    return settings, adapters
 
 
 def check_request(settings: SampleAppSettings, config: dict | None) -> None:
@@ -249,7 +250,7 @@ def _sample(cfg: DictConfig) -> None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with reported():
-        settings = accept(to_plain(cfg), run_dir)  # again: a sweep's job is checked only here
+        settings, adapters = accept(to_plain(cfg), run_dir)  # again: a sweep's job is checked only here
         clear(run_dir, OUTPUTS)  # accepted: what an earlier run here left goes
         from latentgen.assembly import build_component
         from latentgen.callbacks import PreviewWriter, ProgressBar, chain
@@ -257,7 +258,6 @@ def _sample(cfg: DictConfig) -> None:
 
         scheduler = build_component("scheduler", cfg.scheduler) if cfg.get("scheduler") else None
         conditioning = _conditioning(settings.conditioning)  # a missing map fails before the weights are read
-        adapters = build_adapters(adapter_nodes(settings))  # their files read and checked before the weights
         start = {key: _load_picture(getattr(settings, key), mode) for key, mode in (("image", "RGB"), ("mask", "L"))
                  if getattr(settings, key) is not None}
         pipe = load(settings, scheduler)

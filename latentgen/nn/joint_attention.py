@@ -18,19 +18,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from latentgen.nn.adaln_zero import modulate
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dimension, in float32 (MMDiT's q/k norm, per head)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight.to(x.dtype)
+from latentgen.nn.normalization import RMSNorm
 
 
 class QKVAttention(nn.Module):

@@ -1,4 +1,4 @@
-"""Normalization layers shared by the UNet and its transformers."""
+"""Normalization layers shared by the UNet and the transformers (GroupNorm32; RMSNorm for T5 and MMDiT)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,17 @@ class GroupNorm32(nn.GroupNorm):
         if x.dtype in _LOW_PRECISION and x.device.type == "cpu":
             return F.group_norm(x, self.num_groups, weight, bias, self.eps)
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension, without mean or bias (Zhang and Sennrich 2019), with the
+    statistics in float32: T5's layer norm and MMDiT's per-head q/k norm."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight.to(x.dtype)

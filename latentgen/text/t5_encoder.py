@@ -24,18 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class T5LayerNorm(nn.Module):
-    """x / rms(x) * weight, in float32 (no mean, no bias)."""
-
-    def __init__(self, width: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(width))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().square().mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(variance + self.eps)).to(self.weight.dtype) * self.weight
+from latentgen.nn.normalization import RMSNorm
 
 
 def relative_position_bucket(relative: torch.Tensor, num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
@@ -85,7 +74,7 @@ class _AttentionLayer(nn.Module):
     def __init__(self, d_model: int, eps: float, **attention):
         super().__init__()
         self.SelfAttention = T5Attention(d_model, **attention)
-        self.layer_norm = T5LayerNorm(d_model, eps)
+        self.layer_norm = RMSNorm(d_model, eps)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return x + self.SelfAttention(self.layer_norm(x), bias)
@@ -106,7 +95,7 @@ class _FeedForwardLayer(nn.Module):
     def __init__(self, d_model: int, d_ff: int, eps: float):
         super().__init__()
         self.DenseReluDense = _GatedFeedForward(d_model, d_ff)
-        self.layer_norm = T5LayerNorm(d_model, eps)
+        self.layer_norm = RMSNorm(d_model, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.DenseReluDense(self.layer_norm(x))
@@ -129,7 +118,7 @@ class _Stack(nn.Module):
         self.block = nn.ModuleList(
             T5Block(d_model, d_ff, eps, heads=heads, d_kv=d_kv, has_bias=index == 0, num_buckets=num_buckets,
                     max_distance=max_distance) for index in range(num_layers))
-        self.final_layer_norm = T5LayerNorm(d_model, eps)
+        self.final_layer_norm = RMSNorm(d_model, eps)
 
 
 class T5Encoder(nn.Module):
