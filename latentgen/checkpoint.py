@@ -83,7 +83,13 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
     from safetensors.torch import save_file
 
     header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
-    plain = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+    plain, storages = {}, set()
+    for key, value in tensors.items():
+        value = value.detach().contiguous().cpu()
+        storage = value.untyped_storage().data_ptr()
+        # safetensors refuses tensors sharing memory (a tied weight under two names): each gets its own copy
+        plain[key] = value.clone() if storage in storages and value.numel() else value
+        storages.add(storage)
     return atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=header))
 
 

@@ -65,6 +65,15 @@ class LatentDiffusionPipeline:
         self.model = ProcessDenoiser(self.denoiser, self.process)
         self._adapters: list[Adapter] = []
 
+    def replace_process(self, **options: Any) -> None:
+        """Sample with other options of the same process (e.g. `shift=4.0` for rectified flow). Another process
+        or prediction target is refused: the denoiser predicts what its process trained it to."""
+        from latentgen.processes.override import overridden_process
+
+        config = overridden_process(component_config("process", self.process), options, "this pipeline's denoiser")
+        self.process = build_component("process", config)
+        self.model = ProcessDenoiser(self.denoiser, self.process)
+
     # ---- construction and checkpoints ---------------------------------------------------------
 
     @classmethod

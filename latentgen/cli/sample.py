@@ -101,6 +101,13 @@ def _load_options(settings: SampleAppSettings, refiner: bool = False) -> dict:
     original_config = settings.refiner_original_config if refiner else settings.original_config
     if original_config is not None:  # only formats of original files take it
         options["original_config"] = original_config
+    if not refiner:
+        taken = sorted(set(settings.format_options) & {"device", "dtype", "original_config"})
+        if taken:
+            from latentgen.errors import ConfigError
+
+            raise ConfigError(f"format_options: {taken} are settings of their own: pass {taken[0]}=... instead")
+        options.update(settings.format_options)
     return options
 
 
@@ -112,6 +119,8 @@ def load(settings: SampleAppSettings, scheduler: object = None, refiner: bool = 
     path, format = (settings.refiner, None) if refiner else (settings.checkpoint, settings.format)
     pipe = LatentDiffusionPipeline.from_checkpoint(path, format=format, scheduler=scheduler,
                                                    **_load_options(settings, refiner))
+    if settings.process and not refiner:
+        pipe.replace_process(**settings.process)
     if settings.compile:
         from latentgen.fast_path import optimize_for_inference
 
@@ -128,6 +137,9 @@ def accept(config: dict, run_dir: Path) -> tuple[SampleAppSettings, list]:
     conditioning files found and the adapters built (their files read and checked), and the run directory
     claimed, before any weight is read or Hydra writes; the settings and the adapters."""
     settings = app_settings(SampleAppSettings, config)  # before torch is imported: a bad value costs a second
+    # `process` is a component group, which app_settings leaves out: options of the checkpoint's own process
+    settings.process = {key: value for key, value in (config.get("process") or {}).items()
+                        if key not in ("_target_", "kind")}
     from latentgen.assembly import build_component
     from latentgen.errors import ConfigError
     from latentgen.formats.dispatch import build_format, check_options, format_for
@@ -148,6 +160,14 @@ def accept(config: dict, run_dir: Path) -> tuple[SampleAppSettings, list]:
         if getattr(settings, key) is not None and not Path(getattr(settings, key)).is_file():
             raise FileNotFoundError(f"{key}: no file '{getattr(settings, key)}'; give the path of an image")
     config = reader.config(Path(settings.checkpoint), **_load_options(settings))
+    if config is not None and settings.process:  # another process than the checkpoint's: refused before loading
+        from latentgen.config.settings import DiffusionSettings
+        from latentgen.config.typed import as_plain, parse
+        from latentgen.processes.override import overridden_process
+
+        trained = config.get("process") or {"name": "discrete",
+                                            **as_plain(parse(DiffusionSettings, config.get("diffusion"), "diffusion"))}
+        config = {**config, "process": overridden_process(trained, settings.process, f"'{settings.checkpoint}'")}
     check_request(settings, config)
     refiner_config = None
     if settings.refiner is not None:

@@ -168,6 +168,11 @@ class SampleAppSettings:
     checkpoint: Optional[str] = setting(None)
     format: Optional[str] = setting(None)
     original_config: Optional[str] = setting(None)
+    format_options: Dict[str, Any] = setting(default_factory=dict, help="the checkpoint format's other load options, "
+                                             "e.g. {t5_tokenizer: spiece.model, t5: false} for SD3.5")
+    process: Dict[str, Any] = setting(default_factory=dict, help="options of the checkpoint's own process, e.g. "
+                                      "+process.shift=4.0 (another process is refused); set by latentgen-sample "
+                                      "from the `process` group, which app_settings leaves out")
     dtype: Optional[str] = setting(None, choices=DTYPES)
     compile: bool = setting(False)
     prompt: Any = setting(None)

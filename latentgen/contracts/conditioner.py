@@ -22,6 +22,9 @@ class Conditioner(nn.Module, abc.ABC):
 
     input_keys: tuple[str, ...] = ()
     dropout: float = 0.0
+    # True for a conditioner whose output does not depend on its inputs (zero_tokens: a text encoder left out,
+    # in its place); the contract suite then does not ask it to tell samples apart.
+    constant: bool = False
 
     @property
     @abc.abstractmethod

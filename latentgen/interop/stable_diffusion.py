@@ -209,8 +209,9 @@ def assemble(modules: Mapping[str, torch.nn.Module], config: Mapping[str, Any], 
              device: str | torch.device | None, channels_last: bool, compile: bool) -> LatentDiffusionPipeline:
     """The pipeline of loaded modules, remembering the file they came from (for export), on `device`, with
     the fast path's speed-ups."""
+    process = build_component("process", config["process"]) if config.get("process") else None
     pipe = LatentDiffusionPipeline(**modules, scheduler=build_component("scheduler", config["scheduler"]),
-                                   diffusion=config["diffusion"], sampling=config["sampling"])
+                                   diffusion=config.get("diffusion"), sampling=config["sampling"], process=process)
     pipe.source = source
     if device is not None:
         pipe.to(device)

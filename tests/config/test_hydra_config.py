@@ -31,6 +31,14 @@ PARTNERS = {("conditioner", "masked_image"): ["denoiser.in_channels=9", "+denois
 PARTNERS.update({("denoiser", name): ["denoiser.depth=1", "denoiser.hidden_size=32", "denoiser.num_heads=2"]
                  for name in ["dit"] + [f"dit_{size}{patch}" for size in ("s", "b", "l", "xl") for patch in ("", "_4", "_8")]})
 
+# SD3's T5 (T5-XXL by default) and the zeros in its place, at a test's width; T5 reads prompts with the test
+# tokenizer (tests/text/test_t5_tokenizer.py writes it).
+T5_TOKENIZER = Path(__file__).parents[1] / "data" / "t5" / "tokenizer.json"
+PARTNERS[("conditioner", "t5_text")] = ["+conditioner.d_model=16", "+conditioner.layers=1", "+conditioner.heads=2",
+                                        "+conditioner.d_kv=8", "+conditioner.d_ff=32", "+conditioner.vocab_size=128",
+                                        f"+conditioner.tokenizer={T5_TOKENIZER}", "denoiser.context_dim=16"]
+PARTNERS[("conditioner", "zero_tokens")] = ["+conditioner.width=16", "denoiser.context_dim=16"]
+
 # The image-folder dataset reads a folder: two small PNGs (one captioned) kept with the tests.
 PARTNERS[("dataset", "image_folder")] = [f"dataset.path={Path(__file__).parents[1] / 'data' / 'image_folder'}"]
 # experiment=lora trains an adapter on a `base` checkpoint (tests/adapters/test_lora_training.py runs it); here

@@ -130,6 +130,16 @@ CASES = [
      "the refiner works in another latent space than the base (scale_factor 0.13025 vs 0.18215)"),
     ("sample", ["checkpoint={golden}/sd-tiny-weights.safetensors", "original_config={golden}/sdxl-tiny-config.yaml"],
      "is an SDXL (sgm) inference YAML, but the checkpoint is a Stable Diffusion v1/v2 file"),
+    # processes and format options: another process than the checkpoint's, SD3.5's text encoder files
+    ("sample", ["checkpoint={golden}/sd-tiny-weights.safetensors", "original_config={golden}/sd-tiny-config.yaml",
+                "+format_options.prediction_type=v", "+process.name=rectified_flow"],
+     "was trained with the discrete (v prediction) process; process rectified_flow"),
+    ("sample", ["+process.name=edm"], "trained with the discrete (eps prediction) process; process edm"),
+    ("sample", ["+format_options.t5=false"], "does not take the option t5"),
+    ("sample", ["+format_options.dtype=bfloat16"], "format_options: ['dtype'] are settings of their own"),
+    ("sample", ["checkpoint={golden}/sd35-tiny-weights.safetensors"], "no T5 tokenizer was given or found beside it"),
+    ("sample", ["checkpoint={golden}/sd35-tiny-weights.safetensors",
+                "+format_options.t5_tokenizer={golden}/clip-tokenizer-cases.json"], "clip-tokenizer-cases.json"),
     # adapters: every file read and checked before the checkpoint's weights
     ("sample", ["lora=/nonexistent/style.safetensors"],
      "adapter 0 (lora): LoRA file '/nonexistent/style.safetensors' does not exist"),
