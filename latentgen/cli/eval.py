@@ -37,6 +37,9 @@ def _evaluate(cfg: DictConfig) -> None:
     with reported():
         accept(to_plain(cfg), run_dir)  # again: a sweep's job is checked only here
         from latentgen.assembly import build_component
+        from latentgen.threads import configure_threads
+
+        configure_threads(cfg.get("threads"))
         from latentgen.evaluation.evaluate import EvalSettings, evaluate_checkpoint
         from latentgen.evaluation.report import markdown_table
         from latentgen.evaluation.shapes_judge import JudgeRecipe

@@ -273,6 +273,9 @@ def _sample(cfg: DictConfig) -> None:
         settings, adapters = accept(to_plain(cfg), run_dir)  # again: a sweep's job is checked only here
         clear(run_dir, OUTPUTS)  # accepted: what an earlier run here left goes
         from latentgen.assembly import build_component
+        from latentgen.threads import configure_threads
+
+        configure_threads(settings.threads)
         from latentgen.callbacks import PreviewWriter, ProgressBar, chain
         from latentgen.imaging import grid
 

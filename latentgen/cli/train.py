@@ -38,6 +38,9 @@ def _train(cfg: DictConfig) -> None:
 
         if resume:
             cfg = resumed_config(run_dir, list(HydraConfig.get().overrides.task), cfg)
+        from latentgen.threads import configure_threads
+
+        configure_threads(cfg.get("threads"))
         checkpoint = run_training(cfg, run_dir, resume=bool(resume))
     log.info("checkpoint: %s", checkpoint)
     log.info("sample grids: %s", run_dir / "samples")

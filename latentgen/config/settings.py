@@ -150,6 +150,8 @@ class TrainRunSettings:
 
     seed: int = setting(0)
     device: str = setting("auto")
+    threads: Optional[int] = setting(None, ge=1, help="torch CPU threads; null: the cores other work leaves free "
+                                     "when the app starts")
     resume: Any = setting(False)
     overwrite: bool = setting(False, help="start afresh in a run directory that holds a run")
     base: Optional[str] = setting(None, help="a checkpoint (any registered format) whose components replace the "
@@ -186,6 +188,8 @@ class SampleAppSettings:
     width: Optional[int] = setting(None, ge=1)
     seed: int = setting(0)
     device: str = setting("auto")
+    threads: Optional[int] = setting(None, ge=1, help="torch CPU threads; null: the cores other work leaves free "
+                                     "when the app starts")
     grid: Optional[str] = setting(None, choices=GRIDS)
     guidance_rescale: Optional[float] = setting(None, ge=0, le=1)
     progress: bool = setting(True)
@@ -258,6 +262,8 @@ class EvalAppSettings:
     seed: int = setting(0)
     batch_size: int = setting(36, ge=1)
     device: str = setting("auto")
+    threads: Optional[int] = setting(None, ge=1, help="torch CPU threads; null: the cores other work leaves free "
+                                     "when the app starts")
     out: Optional[str] = setting(None)
     progress: bool = setting(True)
     cache_dir: Optional[str] = setting(None)

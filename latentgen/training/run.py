@@ -47,7 +47,7 @@ CHECKPOINT_NAME = "last.safetensors"
 STATE_NAME = "training_state.safetensors"
 STAGE_LABELS = {"codec": "stage 1: codec", "denoiser": "stage 2: denoiser"}
 # Settings a resumed run may change: where it runs and what it shows, never what it computes.
-RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "train.num_workers", "train.log_every", "train.checkpoint_every",
+RESUME_MAY_CHANGE = ("resume", "overwrite", "device", "threads", "train.num_workers", "train.log_every", "train.checkpoint_every",
                      "train.stop_after_steps", "train.tensorboard", "train.sample_every", "train.sample_count",
                      "train.sample_steps", "train.grid_size")
 # What a run writes into its directory: a fresh start clears what an earlier run there left.

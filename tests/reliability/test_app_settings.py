@@ -46,6 +46,9 @@ CASES = [
     ("train", ["train.precision=fp8"], "train.precision='fp8'"),
     ("train", ["train.tensorboard=maybe"], "train.tensorboard='maybe'"),
     ("train", ["train.tensorboard=2"], "train.tensorboard=2: must be true or false"),
+    ("train", ["threads=0"], "threads=0"),
+    ("sample", ["threads=-1"], "threads=-1"),
+    ("eval", ["threads=two"], "threads='two'"),
     # the process and the sampling defaults the checkpoint will carry
     ("train", ["sampling.steps=0"], "sampling.steps=0"),
     ("train", ["sampling.steps=abc"], "sampling.steps='abc'"),
