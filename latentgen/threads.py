@@ -77,8 +77,9 @@ def configure_threads(setting: int | None) -> int:
     """Set torch's intra-op thread count for this process as `choose_threads` says, logging a reduction."""
     import torch
 
-    threads, reason = choose_threads(setting, None if setting is not None else busy_cores(), usable_cores(),
-                                     torch.get_num_threads())
+    current = torch.get_num_threads()
+    measure = setting is None and current > 1 and not os.environ.get("OMP_NUM_THREADS")
+    threads, reason = choose_threads(setting, busy_cores() if measure else None, usable_cores(), current)
     if reason:
         log.info(reason)
     if threads != torch.get_num_threads():

@@ -26,6 +26,11 @@ def shared_dir() -> Path:
     return SHARED
 
 
+# The apps choose their thread count from the machine's load when nothing sets it (latentgen.threads); runs
+# the tests compare bit for bit must not depend on the load, so the apps this suite starts keep torch's count.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
