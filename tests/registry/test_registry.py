@@ -37,6 +37,7 @@ _GOLDEN = Path(os.environ.get("LATENTGEN_SHARED", Path(__file__).resolve().paren
 # Small parameters so that building every built-in takes a fraction of a second on a CPU.
 SMALL_PARAMS = {
     ("codec", "identity"): {},
+    ("codec", "taesd"): dict(latent_channels=4, channels=8, downsamplings=2),
     ("codec", "kl"): dict(latent_channels=4, channels=32, channel_mult=[1, 1], num_res_blocks=1, resolution=16),
     ("codec", "vq"): dict(latent_channels=4, num_codes=16, channels=32, channel_mult=[1, 1], num_res_blocks=1,
                           resolution=16),
@@ -90,6 +91,7 @@ SMALL_PARAMS = {
     ("adapter", "lora"): dict(path=str(_GOLDEN / "lora-tiny-kohya.safetensors"), scale=0.5),
     ("adapter", "controlnet"): dict(path=str(_GOLDEN / "controlnet-tiny-weights.safetensors")),
     ("adapter", "trainable_lora"): dict(rank=2),
+    ("adapter", "tiny_decoder"): dict(path=str(Path(__file__).parents[1] / "data" / "taesd" / "decoder-8ch.pth")),
     ("adapter", "embedding"): dict(path=str(Path(__file__).parents[1] / "data" / "embeddings" / "tiny-style.pt")),
 }
 
