@@ -6,6 +6,7 @@ parameters are checked by the components when they are built.
 """
 
 # No `from __future__ import annotations`: OmegaConf reads these annotations as types.
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Type, TypeVar
 
@@ -130,10 +131,17 @@ class TrainSettings:
                                            "memory, about a third more time")
     adapter: Any = setting(None, help="train only this new adapter on the loaded model, e.g. {name: trainable_lora, "
                            "rank: 8}")
+    tiny_decoder: Any = setting(None, help="distil a tiny TAESD decoder from the base's codec instead of training "
+                                "both stages: {steps, batch_size, lr, channels, compare_images} "
+                                "(experiment=tiny_decoder)")
     codec: CodecStageSettings = setting(default_factory=CodecStageSettings)
     denoiser: DenoiserStageSettings = setting(default_factory=DenoiserStageSettings)
 
     def validate(self, prefix: str) -> None:
+        if self.tiny_decoder is not None:
+            _check_tiny_decoder(self.tiny_decoder, f"{prefix}.tiny_decoder")
+            if self.adapter is not None:
+                raise ConfigError(f"{prefix}.tiny_decoder and {prefix}.adapter are both set; a run trains one of them")
         if self.adapter is None:
             return
         if not isinstance(self.adapter, dict) or "name" not in self.adapter:
@@ -142,6 +150,24 @@ class TrainSettings:
         if self.denoiser.ema_decay > 0:
             raise ConfigError(f"{prefix}.denoiser.ema_decay={self.denoiser.ema_decay}: must be 0 when training an "
                               f"adapter (an average would copy the whole denoiser for a few low-rank weights)")
+
+
+_TINY_DECODER = {"steps": int, "batch_size": int, "lr": float, "channels": int, "compare_images": int}
+
+
+def _check_tiny_decoder(node: Any, key: str) -> None:
+    if not isinstance(node, dict):
+        raise ConfigError(f"{key}={node!r}: must be a mapping of {', '.join(_TINY_DECODER)}")
+    unknown = sorted(set(node) - set(_TINY_DECODER))
+    if unknown:
+        raise ConfigError(f"{key}: unknown setting(s) {unknown}; it takes {', '.join(_TINY_DECODER)}")
+    for name, kind in _TINY_DECODER.items():
+        value = node.get(name)
+        if value is None:
+            raise ConfigError(f"{key}.{name}: not given; it takes {', '.join(_TINY_DECODER)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
+                or (kind is int and value != int(value)):
+            raise ConfigError(f"{key}.{name}={value!r}: must be a positive {'integer' if kind is int else 'number'}")
 
 
 @dataclass
@@ -161,6 +187,11 @@ class TrainRunSettings:
     diffusion: DiffusionSettings = setting(default_factory=DiffusionSettings)
     sampling: SamplingDefaults = setting(default_factory=SamplingDefaults)
     train: TrainSettings = setting(default_factory=TrainSettings)
+
+    def validate(self, prefix: str) -> None:
+        if self.train.tiny_decoder is not None and not self.base:
+            raise ConfigError("train.tiny_decoder distils a decoder from a trained codec: pass base=<checkpoint> (e.g. "
+                              "the shapes demo's outputs/train/<run>/checkpoints/last.safetensors)")
 
 
 @dataclass

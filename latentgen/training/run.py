@@ -217,6 +217,8 @@ class TrainingRun:
     def train(self, resume: bool) -> Path:
         if self.group.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.train_settings.get("tiny_decoder"):
+            return self._distil_tiny_decoder(resume)
         state = self._resumable_state() if resume else None
         if state is not None:
             if self.adapter is not None:
@@ -235,6 +237,37 @@ class TrainingRun:
         if not self._denoiser_stage(state if stage == "denoiser" else None):
             return self._stopped()
         self._finish()
+        return self.checkpoint_path
+
+    def _distil_tiny_decoder(self, resume: bool) -> Path:
+        """train.tiny_decoder: a TAESD decoder distilled from the base's codec, in place of both stages; its file
+        is the run's result (latentgen/training/distill_decoder.py)."""
+        from latentgen.training.distill_decoder import compare, distill, save_decoder
+
+        if resume:
+            raise ConfigError("resume: a tiny decoder run (train.tiny_decoder) takes minutes and keeps no training "
+                              "state; start it again (overwrite=true)")
+        settings = self.train_settings["tiny_decoder"]
+        began = time.perf_counter()
+        log_ = stage_log("tiny decoder", int(settings["steps"]), 1, self.run_dir, int(self.train_settings["log_every"]),
+                         self.monitor.events if self.monitor else None, self.group.is_main)
+        student = distill(self.pipe.codec, self.dataset, settings, self.device, self.generator, on_step=log_.step)
+        log_.close()
+        self.checkpoint_path = self.run_dir / "checkpoints" / "tiny_decoder.safetensors"
+        if self.group.is_main:
+            count = min(len(self.dataset), int(settings["compare_images"]))
+            images = torch.stack([self.dataset[i]["image"] for i in range(count)]).to(self.device)
+            scores = compare(self.pipe.codec, student, images)
+            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+            save_decoder(student, self.checkpoint_path, {"latentgen.base": str(self.config["base"])})
+            self.summary.update(self.monitor.close())
+            self.summary.update(checkpoint=str(self.checkpoint_path),
+                                tiny_decoder={**scores, "seconds": round(time.perf_counter() - began, 1)})
+            (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            log.info("tiny decoder: %.2f dB PSNR against the full decoder on %d images; decode %.3f s against "
+                     "%.3f s", scores["psnr_tiny_vs_full_db"], count, scores["tiny_decode_seconds"],
+                     scores["full_decode_seconds"])
+        self.group.barrier()
         return self.checkpoint_path
 
     def _codec_stage(self, state: Mapping[str, Any] | None) -> bool:

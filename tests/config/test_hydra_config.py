@@ -37,6 +37,7 @@ T5_TOKENIZER = Path(__file__).parents[1] / "data" / "t5" / "tokenizer.json"
 PARTNERS[("conditioner", "t5_text")] = ["+conditioner.d_model=16", "+conditioner.layers=1", "+conditioner.heads=2",
                                         "+conditioner.d_kv=8", "+conditioner.d_ff=32", "+conditioner.vocab_size=128",
                                         f"+conditioner.tokenizer={T5_TOKENIZER}", "denoiser.context_dim=16"]
+PARTNERS[("experiment", "tiny_decoder")] = ["base=some-model.safetensors"]  # distils from a base's codec
 PARTNERS[("codec", "taesd")] = ["codec.downsamplings=1"]  # the smoke denoiser's latent grid needs factor 2
 PARTNERS[("conditioner", "zero_tokens")] = ["+conditioner.width=16", "denoiser.context_dim=16"]
 

@@ -47,6 +47,11 @@ CASES = [
     ("train", ["train.tensorboard=maybe"], "train.tensorboard='maybe'"),
     ("train", ["train.tensorboard=2"], "train.tensorboard=2: must be true or false"),
     ("train", ["threads=0"], "threads=0"),
+    ("train", ["train.tiny_decoder={{steps: 5, batch_size: 4, lr: 0.001, channels: 8, compare_images: 4}}"],
+     "train.tiny_decoder distils a decoder from a trained codec: pass base=<checkpoint>"),
+    ("train", ["train.tiny_decoder={{steps: 0, batch_size: 4, lr: 0.001, channels: 8, compare_images: 4}}"],
+     "train.tiny_decoder.steps=0: must be a positive integer"),
+    ("train", ["train.tiny_decoder={{steps: 5}}"], "train.tiny_decoder.batch_size: not given"),
     ("sample", ["threads=-1"], "threads=-1"),
     ("eval", ["threads=two"], "threads='two'"),
     # the process and the sampling defaults the checkpoint will carry
