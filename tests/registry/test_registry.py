@@ -91,6 +91,7 @@ SMALL_PARAMS = {
     ("adapter", "lora"): dict(path=str(_GOLDEN / "lora-tiny-kohya.safetensors"), scale=0.5),
     ("adapter", "controlnet"): dict(path=str(_GOLDEN / "controlnet-tiny-weights.safetensors")),
     ("adapter", "trainable_lora"): dict(rank=2),
+    ("adapter", "token_merging"): dict(ratio=0.5),
     ("adapter", "tiny_decoder"): dict(path=str(Path(__file__).parents[1] / "data" / "taesd" / "decoder-8ch.pth")),
     ("adapter", "embedding"): dict(path=str(Path(__file__).parents[1] / "data" / "embeddings" / "tiny-style.pt")),
 }
