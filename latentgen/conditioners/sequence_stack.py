@@ -12,30 +12,24 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from latentgen.assembly import build_component
+from latentgen.conditioners.stack import ConditionerStack
 from latentgen.contracts import Conditioner
 
 
-class SequenceStack(Conditioner):
+class SequenceStack(ConditionerStack):
     """Members' "crossattn" tokens concatenated along the sequence, each zero-padded on the feature axis to
     `context_dim` (default: the widest member's); their "vector" outputs end to end. Members giving other
-    keys ("concat" maps) are refused: they have no sequence to extend."""
+    keys ("concat" maps) are refused: they have no sequence to extend. Building, inputs and the CFG and
+    training paths are the `stack`'s; only the join differs."""
 
     def __init__(self, conditioners: Sequence[Mapping[str, Any]], context_dim: int | None = None):
-        super().__init__()
-        if not conditioners:
-            raise ValueError("conditioner 'sequence_stack' needs at least one member in `conditioners`")
-        self.conditioners = nn.ModuleList(build_component("conditioner", dict(member)) for member in conditioners)
-        keys: list[str] = []
+        super().__init__(conditioners)
         for member in self.conditioners:
-            keys += [key for key in member.input_keys if key not in keys]
             other = sorted(set(member.outputs) - {"crossattn", "vector"})
             if other:
                 raise ValueError(f"conditioner 'sequence_stack': member '{member.name}' gives {other}, which has no "
                                  f"token sequence to join; put it beside this one in a `stack`")
-        self.input_keys = tuple(keys)
         widths = [member.outputs["crossattn"] for member in self.conditioners if "crossattn" in member.outputs]
         if not widths:
             raise ValueError("conditioner 'sequence_stack': no member gives 'crossattn' tokens to join")
@@ -61,15 +55,6 @@ class SequenceStack(Conditioner):
         if vectors:
             joined["vector"] = torch.cat(vectors, dim=-1)
         return joined
-
-    def forward(self, batch):
-        return self._join([member(batch) for member in self.conditioners])
-
-    def unconditional(self, batch):
-        return self._join([member.unconditional(batch) for member in self.conditioners])
-
-    def for_training(self, batch, generator=None):
-        return self._join([member.for_training(batch, generator) for member in self.conditioners])
 
     def reader_of(self, input_key: str) -> str:
         return next((member.reader_of(input_key) for member in self.conditioners if input_key in member.input_keys),

@@ -24,9 +24,16 @@ from typing import Any, Mapping
 import torch
 
 from latentgen.assembly import build_component
-from latentgen.checkpoint import CONFIG_KEY, mismatch_report, safetensors_header, save_tensors
+from latentgen.checkpoint import CONFIG_KEY, safetensors_header, save_tensors
 from latentgen.errors import CheckpointError, ConfigError
-from latentgen.interop.stable_diffusion import PIPELINE_CONFIG_KEY, KeyMap, SourceFile, assemble, assign_weights
+from latentgen.interop.stable_diffusion import (
+    PIPELINE_CONFIG_KEY,
+    KeyMap,
+    SourceFile,
+    assemble,
+    assign_weights,
+    locate_weights,
+)
 from latentgen.interop.weights_file import WeightsFile
 from latentgen.kinds import module_parts
 
@@ -359,18 +366,7 @@ def load_sd3(path: str | Path, dtype: torch.dtype | None = None, device: str | t
     check_memory(weights, load_bytes(weights, modules, dtype), dtype, choice.t5)
     source = SourceFile(weights.path)
     for kind, module in modules.items():
-        located, missing, mismatched = {}, [], []
-        for name, expected in module.state_dict().items():
-            key = SD3_LAYOUT.file_key(f"{kind}.{name}")
-            if key is not None and key not in weights and key.endswith(("shared.weight", "embed_tokens.weight")):
-                key = _tied_alternative(key)  # T5's one embedding, stored under either name or both
-            if key is None or key not in weights:
-                missing.append(f"{key or kind + '.' + name} {tuple(expected.shape)}")
-            elif weights.shape(key) != tuple(expected.shape):
-                mismatched.append(f"{key}: file {weights.shape(key)} vs inferred {tuple(expected.shape)}")
-            else:
-                located[name] = key
-        report = mismatch_report(missing, [], mismatched)
+        located, report = locate_weights(module, kind, lambda name: _file_key(name, weights), weights)
         if report:
             raise CheckpointError(f"the {kind} weights of '{path}' do not form an SD3 {kind} ({report}); the file "
                                   f"is incomplete or not an SD3 / SD3.5 checkpoint")
@@ -387,7 +383,11 @@ def load_sd3(path: str | Path, dtype: torch.dtype | None = None, device: str | t
     return assemble(modules, config, source, device, channels_last, compile)
 
 
-def _tied_alternative(key: str) -> str:
+def _file_key(pipeline_key: str, weights: SD3Weights) -> str | None:
+    """SD3_LAYOUT's key, or for T5's one embedding (stored under either name or both) the name the file has."""
+    key = SD3_LAYOUT.file_key(pipeline_key)
+    if key is None or key in weights or not key.endswith(("shared.weight", "embed_tokens.weight")):
+        return key
     prefix = tower_prefix("t5xxl")
     return f"{prefix}encoder.embed_tokens.weight" if key.endswith("shared.weight") else f"{prefix}shared.weight"
 

@@ -17,14 +17,20 @@ import torch
 from latentgen.assembly import build_component
 from latentgen.checkpoint import (
     CONFIG_KEY,
-    mismatch_report,
     safetensors_header,
     save_tensors,
 )
 from latentgen.errors import CheckpointError, ConfigError
 from latentgen.interop.original_config import read_original_config
 from latentgen.interop.sgm_config import sgm_pipeline_config, standard_sgm_config
-from latentgen.interop.stable_diffusion import PIPELINE_CONFIG_KEY, KeyMap, SourceFile, assemble, assign_weights
+from latentgen.interop.stable_diffusion import (
+    PIPELINE_CONFIG_KEY,
+    KeyMap,
+    SourceFile,
+    assemble,
+    assign_weights,
+    locate_weights,
+)
 from latentgen.interop.weights_file import WeightsFile
 from latentgen.kinds import module_parts
 from latentgen.pipeline import LatentDiffusionPipeline
@@ -98,16 +104,7 @@ def load_sdxl(path: str | Path, original_config: str | Path | Mapping[str, Any] 
         modules = {kind: build_component(kind, config[kind]) for kind in module_parts()}
     source = SourceFile(Path(path))
     for kind, module in modules.items():
-        located, missing, mismatched = {}, [], []
-        for name, expected in module.state_dict().items():
-            key = SGM_LAYOUT.file_key(f"{kind}.{name}")
-            if key is None or key not in weights:
-                missing.append(f"{key or kind + '.' + name} {tuple(expected.shape)}")
-            elif weights.shape(key) != tuple(expected.shape):
-                mismatched.append(f"{key}: file {weights.shape(key)} vs config {tuple(expected.shape)}")
-            else:
-                located[name] = key
-        report = mismatch_report(missing, [], mismatched)
+        located, report = locate_weights(module, kind, SGM_LAYOUT.file_key, weights)
         if report:
             raise CheckpointError(f"the {kind} weights in '{path}' do not match {origin} ({report}); pass the "
                                   f"file's own sgm inference YAML as original_config")

@@ -218,6 +218,21 @@ def assemble(modules: Mapping[str, torch.nn.Module], config: Mapping[str, Any], 
     return optimize_for_inference(pipe.eval(), channels_last=channels_last, compile=compile)
 
 
+def locate_weights(module: torch.nn.Module, kind: str, file_key: Any, weights: Any) -> tuple[dict[str, str], str]:
+    """Each state-dict name of `module` -> its key in `weights` (`file_key(f"{kind}.{name}")`), and a report of
+    the keys missing or of another shape ("" when every weight is there)."""
+    located, missing, mismatched = {}, [], []
+    for name, expected in module.state_dict().items():
+        key = file_key(f"{kind}.{name}")
+        if key is None or key not in weights:
+            missing.append(f"{key or kind + '.' + name} {tuple(expected.shape)}")
+        elif weights.shape(key) != tuple(expected.shape):
+            mismatched.append(f"{key}: file {weights.shape(key)} vs config {tuple(expected.shape)}")
+        else:
+            located[name] = key
+    return located, mismatch_report(missing, [], mismatched)
+
+
 def assign_weights(module: torch.nn.Module, kind: str, located: Mapping[str, str], weights: Any,
                    dtype: torch.dtype | None, channels_last: bool) -> None:
     """Give a module built on the meta device its weights: `located` maps each state-dict name to its key in
