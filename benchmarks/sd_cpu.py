@@ -148,13 +148,19 @@ def attention_flops(denoiser, call) -> tuple[int, object]:
 def peak_rss_gib() -> float:
     """This process's peak resident memory. /proc's VmHWM (Linux), not getrusage's ru_maxrss: that one carries
     over fork and exec, so a child started by a parent holding 6 GB reports at least 6 GB."""
+    peak = proc_status_gib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def proc_status_gib(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmHWM: peak resident, VmRSS: resident now) in GiB; None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return None
 
 
 def timed(call, repeats: int) -> tuple[float, float, object]:

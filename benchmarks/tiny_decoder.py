@@ -10,29 +10,22 @@ Random weights at the released sizes (time only): the SD v1 VAE decoder (`kl`: 1
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from latentgen.assembly import build_component
+sys.path.insert(0, str(Path(__file__).parent))
+from sd_cpu import timed  # noqa: E402
+
+from latentgen.assembly import build_component  # noqa: E402
 
 CODECS = {
     "SD v1 VAE decoder (kl)": {"name": "kl", "latent_channels": 4, "channels": 128, "channel_mult": [1, 2, 4, 4],
                                "num_res_blocks": 2, "scale_factor": 0.18215},
     "TAESD decoder (taesd)": {"name": "taesd", "latent_channels": 4, "channels": 64, "downsamplings": 3},
 }
-
-
-def seconds(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -55,9 +48,9 @@ def main() -> None:
         with torch.no_grad():
             with FlopCounterMode(display=False) as counter:
                 codec.decode(latent)
-            fp32 = seconds(lambda: codec.decode(latent), args.repeats)
+            fp32 = timed(lambda: codec.decode(latent), args.repeats)[0]
             low = codec.to(torch.bfloat16).to(memory_format=torch.channels_last)
-            bf16 = seconds(lambda: low.decode(latent.to(torch.bfloat16)), args.repeats)
+            bf16 = timed(lambda: low.decode(latent.to(torch.bfloat16)), args.repeats)[0]
         full = full or bf16
         print(f"| {label} | {parameters / 1e6:.2f} M | {counter.get_total_flops() / 1e9:.0f} | {fp32:.2f} | "
               f"{bf16:.2f} | {full / bf16:.1f}x faster |")

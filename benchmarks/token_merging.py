@@ -10,16 +10,14 @@ the quality cost on a trained model is the shapes demo's judged adherence.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sd_cpu import CHECKPOINT_VERSION, ensure_checkpoint  # noqa: E402
+from sd_cpu import CHECKPOINT_VERSION, ensure_checkpoint, timed  # noqa: E402
 
 from latentgen import LatentDiffusionPipeline, registry  # noqa: E402
 
@@ -50,14 +48,8 @@ def main() -> None:
         adapter = registry.build("adapter", "token_merging", ratio=ratio, max_downsample=args.max_downsample)
         pipe.attach(adapter)
         with torch.no_grad():
-            out = pipe.denoiser(x, t, cond)
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                pipe.denoiser(x, t, cond)
-                times.append(time.perf_counter() - start)
+            seconds, _, out = timed(lambda: pipe.denoiser(x, t, cond), args.repeats)
         pipe.detach(adapter)
-        seconds = statistics.median(times)
         reference = out.float() if reference is None else reference
         base = seconds if base is None else base
         error = ((out.float() - reference).norm() / reference.norm()).item()

@@ -86,6 +86,14 @@ class LoRA(Adapter):
 
     def check(self, pipeline) -> None:
         self._plan = self._resolve(pipeline)
+        if self.merge:
+            # A weight that is not a Parameter is computed per call (int8_weights dequantises it): a delta merged
+            # into it would change a copy and the LoRA would silently do nothing.
+            computed = [target.path for target, _ in self._plan if not isinstance(target.weight, torch.nn.Parameter)]
+            if computed:
+                raise AdapterError(f"LoRA '{self.path.name}' cannot merge into {len(computed)} module(s) whose weight "
+                                   f"is computed at each call, e.g. {computed[0]} (held in int8 by int8_weights?): "
+                                   f"detach that adapter, attach the LoRA, then attach it again; or pass merge=False")
 
     def apply(self, pipeline) -> None:
         self._plan = self._plan or self._resolve(pipeline)

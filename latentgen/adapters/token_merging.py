@@ -9,12 +9,15 @@ hidden states) and the `ratio` * N best-matched sources are merged into their de
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from latentgen.contracts import Adapter
 from latentgen.errors import AdapterError
+
+log = logging.getLogger("latentgen.adapters")
 
 
 class Merge:
@@ -79,7 +82,8 @@ class TokenMerging(Adapter):
         self.ratio, self.max_downsample, self.seed = float(ratio), int(max_downsample), int(seed)
         self._hooks: list[Any] = []
         self._wrapped: list[Any] = []
-        self._largest = 0
+        self._largest = self._merges = 0
+        self._warned = False
 
     def _transformers(self, pipeline: Any) -> list[Any]:
         from latentgen.nn.attention import SpatialTransformer
@@ -95,6 +99,7 @@ class TokenMerging(Adapter):
         if self.ratio == 0:
             return
         self._hooks.append(pipeline.denoiser.register_forward_pre_hook(self._see_input))
+        self._hooks.append(pipeline.denoiser.register_forward_hook(self._check_merged))
         for transformer in self._transformers(pipeline):
             state: dict[str, Any] = {}
             self._hooks.append(transformer.register_forward_pre_hook(
@@ -107,6 +112,16 @@ class TokenMerging(Adapter):
     def _see_input(self, module: Any, args: tuple) -> None:
         height, width = args[0].shape[-2:]
         self._largest = height * width
+        self._merges = 0
+
+    def _check_merged(self, module: Any, args: tuple, output: Any) -> None:
+        # Silence would read as "merging costs nothing": say once that it did not happen.
+        if not self._merges and not self._warned:
+            self._warned = True
+            log.warning("adapter 'token_merging' merged nothing: denoiser '%s' has no self-attention on a feature "
+                        "map at most max_downsample=%d times smaller than its largest (e.g. its first level has no "
+                        "attention); raise max_downsample", getattr(module, "name", type(module).__name__),
+                        self.max_downsample)
 
     def _merged(self, attention: Any, state: dict[str, Any]) -> Any:
         original = type(attention).forward
@@ -117,6 +132,7 @@ class TokenMerging(Adapter):
             if context is not None or tokens != height * width or \
                     tokens * self.max_downsample ** 2 < self._largest or height < 2 or width < 2:
                 return original(attention, x, context, attn_mask)
+            self._merges += 1
             merge = Merge(x, height, width, int(tokens * self.ratio), torch.Generator().manual_seed(self.seed))
             return merge.unmerge(original(attention, merge.merge(x), None, attn_mask))
 

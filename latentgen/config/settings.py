@@ -276,6 +276,16 @@ class JudgeSettings:
 
 
 @dataclass
+class CompositionSettings:
+    """latentgen-eval's `composition` metric: samples per part and the two-object judge's bar (conf/eval.yaml)."""
+
+    seen: int = setting(96, ge=0)
+    unseen: int = setting(48, ge=0)
+    two_objects: int = setting(120, ge=0)
+    min_judge_accuracy: float = setting(0.99, ge=0, le=1)
+
+
+@dataclass
 class CodecFidelitySettings:
     images: int = setting(256, ge=1)
     natural_size: int = setting(256, ge=8)
@@ -299,7 +309,10 @@ class EvalAppSettings:
     progress: bool = setting(True)
     cache_dir: Optional[str] = setting(None)
     overwrite: bool = setting(False, help="replace the report of an earlier run in the same directory")
+    adapters: Any = setting(default_factory=list, help="adapters attached before sampling, in order: [{name: "
+                            "token_merging, ratio: 0.5}, ...]: what an accelerator or a LoRA changes in the scores")
     judge: JudgeSettings = setting(default_factory=JudgeSettings)
+    composition: CompositionSettings = setting(default_factory=CompositionSettings)
     codec_fidelity: CodecFidelitySettings = setting(default_factory=CodecFidelitySettings)
 
     def validate(self, prefix: str) -> None:

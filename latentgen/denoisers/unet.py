@@ -256,6 +256,11 @@ class UNet(Denoiser):
         # Residual sources (a ControlNet adapter adds one): source(x, t, cond) -> one tensor per skip connection
         # and one for the middle block's output, added there (Zhang et al. 2023, Fig. 3), or None to add nothing.
         self.residual_sources: list = []
+        # Feature cache (a DeepCache adapter sets one; None = off): `lookup(x, t, cond) -> (depth, deep)`. With `deep` a
+        # tensor the call runs only input_blocks[:depth] and output_blocks[K - depth:], `deep` taking the place of
+        # output_blocks[K - depth]'s input h (K blocks each side); with `deep` None it runs everything and hands that
+        # h to `store(h)` (Ma et al. 2024, "DeepCache", Sec. 3.2).
+        self.feature_cache = None
         # Training option (not a build parameter): recompute each block in the backward pass instead of storing its
         # activations (Chen et al. 2016), for fine-tuning on little memory.
         self.gradient_checkpointing = False
@@ -280,17 +285,26 @@ class UNet(Denoiser):
         residuals = [found for source in self.residual_sources if (found := source(x, t, cond)) is not None]
         run = self._checkpointed if self.gradient_checkpointing and self.training and torch.is_grad_enabled() \
             else (lambda block, *args: block(*args))
+        cache = self.feature_cache
+        depth, deep = (0, None) if cache is None else cache.lookup(x, t, cond)
+        count = len(self.input_blocks)
         skips = []
-        for block in self.input_blocks:
+        for block in self.input_blocks if deep is None else self.input_blocks[:depth]:
             h = run(block, h, emb, context)
             skips.append(h)
-        h = run(self.middle_block, h, emb, context)
+        if deep is None:
+            h = run(self.middle_block, h, emb, context)
         if residuals:
             *to_skips, to_middle = (sum(parts) for parts in zip(*residuals))
-            h = h + to_middle.to(dtype)
-            skips = [skip + residual.to(dtype) for skip, residual in zip(skips, to_skips)]
-        for block in self.output_blocks:
-            h = run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            if deep is None:
+                h = h + to_middle.to(dtype)
+            skips = [skip + residual.to(dtype) for skip, residual in zip(skips, to_skips)]  # the skips used
+        if deep is not None:
+            h = deep
+        for index in range(count - len(skips), count):
+            if cache is not None and deep is None and index == count - depth:
+                cache.store(h)
+            h = run(self.output_blocks[index], torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h).to(x.dtype)
 
     @staticmethod

@@ -42,6 +42,25 @@ def markdown_table(results: dict[str, Any]) -> str:
         if adherence["most_frequent_mistakes"]:
             rows.append(("most frequent mistakes", "; ".join(f"{k} ({v})" for k, v in
                                                              adherence["most_frequent_mistakes"].items())))
+    if "composition" in metrics:
+        composition = metrics["composition"]
+        single, scenes = composition.get("single"), composition.get("two_object")
+        if single:
+            for part, words in (("seen", "combinations the train split showed"), ("unseen", "HELD_OUT combinations")):
+                if single[part]["num_samples"]:
+                    rows.append((f"adherence (shape, colour and size), {words} (n={single[part]['num_samples']})",
+                                 f"{_percent(single[part]['accuracy'])} (shape and colour "
+                                 f"{_percent(single[part]['joint_accuracy'])})"))
+        if scenes:
+            rows += [(f"two objects: object-level adherence (n={2 * scenes['num_samples']} objects)",
+                      _percent(scenes["object_level"])),
+                     (f"two objects: image-level adherence (n={scenes['num_samples']})", _percent(scenes["image_level"])),
+                     ("two objects: relation right / shape / colour / size",
+                      " / ".join(_percent(scenes[k]) for k in ("relation_accuracy", "shape_accuracy", "colour_accuracy",
+                                                              "size_accuracy"))),
+                     ("two objects: image-level per relation (%)", _per_group(scenes["image_level_per_relation"])),
+                     (f"two objects: object-level on HELD_OUT objects (n={scenes['num_unseen_objects']})",
+                      _percent(scenes["object_level_unseen_objects"]))]
     if "fd" in metrics:
         fd = metrics["fd"]
         rows += [(f"FD, samples vs real renders (judge features, n={fd['num_samples']})", f"{fd['fd']:.3f}"),
@@ -51,6 +70,11 @@ def markdown_table(results: dict[str, Any]) -> str:
         rows.append(("judge held-out accuracy shape / colour / size",
                      " / ".join(_percent(accuracy[k]) for k in ("shape", "colour", "size"))
                      + (" (cached)" if results["judge"]["cached"] else " (trained now)")))
+    if "half_judge" in results:
+        accuracy = results["half_judge"]["held_out_accuracy"]
+        rows.append(("two-object judge held-out accuracy shape / colour / size / all three",
+                     " / ".join(_percent(accuracy[k]) for k in ("shape", "colour", "size", "object"))
+                     + (" (cached)" if results["half_judge"]["cached"] else " (trained now)")))
     if "digits_accuracy" in metrics:
         digits = metrics["digits_accuracy"]
         rows += [("digit accuracy", _percent(digits["accuracy"])),

@@ -70,12 +70,9 @@ def dot_product_attention(
     if (not uses_blocked_path(q, k, attn_mask) or v.shape[:-1] != k.shape[:-1]
             or (torch.is_grad_enabled() and v.requires_grad)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    return _blocked(q, k, v)
+    return blocked_attention_op(q, k, v)
 
 
-# Run eagerly under torch.compile: traced, the loops would unroll into thousands of graph nodes (256
-# blocks per 4096-token layer) for no gain, since each block is already two GEMM calls.
-@torch.compiler.disable
 def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     *lead, n_queries, dim = q.shape
     n_keys, value_dim = k.shape[-2], v.shape[-1]
@@ -97,4 +94,19 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         for start in range(0, n_queries, rows):
             scores = torch.bmm(q[head : head + 1, start : start + rows], head_keys_t)  # (1, rows, L)
             torch.bmm(torch.softmax(scores, dim=-1), head_v, out=out[head : head + 1, start : start + rows])
-    return out[..., :value_dim].view(*lead, n_queries, value_dim)
+    out = out[..., :value_dim].contiguous() if padded_dim != value_dim else out
+    return out.view(*lead, n_queries, value_dim)  # contiguous, as the fake below says
+
+
+# An opaque operator to torch.compile: traced, the loops would unroll into thousands of graph nodes (256 blocks
+# per 4096-token layer) for no gain, since each block is already two GEMM calls; and as an operator rather than
+# a compiler-disabled function it breaks no graph, so a compiled UNet stays one graph (weights prepacked once
+# with inductor's freezing, no recompilation per block).
+@torch.library.custom_op("latentgen::blocked_attention", mutates_args=())
+def blocked_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _blocked(q, k, v)
+
+
+@blocked_attention_op.register_fake
+def _blocked_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(*q.shape[:-1], v.shape[-1])

@@ -1,4 +1,5 @@
-"""Pipelines and files the adapter tests share: the golden sd-tiny and sdxl-tiny models from ../shared."""
+"""Pipelines and files the adapter tests share: the golden sd-tiny and sdxl-tiny models from ../shared, and the
+smoke experiment's pipeline with a random denoiser."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ import safetensors.torch
 import torch
 
 from latentgen import LatentDiffusionPipeline
+
+
+@pytest.fixture(scope="module")
+def smoke() -> LatentDiffusionPipeline:
+    """`experiment=smoke`'s pipeline, its denoiser's parameters drawn from N(0, 0.1): the untrained UNet's
+    zero-initialised outputs would hide what an adapter changes. One per test module."""
+    from latentgen.config import compose
+
+    pipe = LatentDiffusionPipeline.from_config(compose("train", ["experiment=smoke"])).eval()
+    torch.manual_seed(0)
+    for parameter in pipe.denoiser.parameters():
+        parameter.data.normal_(0, 0.1)
+    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -280,3 +280,19 @@ def test_partial_match_needs_strict_false_and_then_applies_what_matches(sd_tiny,
     with pytest.warns(UserWarning, match="lora_unet_not_a_module"):
         sd_tiny.attach(registry.build("adapter", "lora", path=path, strict=False))
     assert rel_err(unet_out(sd_tiny, lora_io), lora_io["unet.out_lora_1.0"]) < 1e-4
+
+
+def test_a_merge_into_int8_weights_is_refused_and_works_in_the_documented_order(sd_tiny, golden, lora_io):
+    # Merged into a weight int8_weights computes per call, the LoRA would change a copy and do nothing.
+    int8 = sd_tiny.attach(registry.build("adapter", "int8_weights"))
+    with pytest.raises(AdapterError, match="cannot merge into .* computed at each call.*detach that adapter"):
+        sd_tiny.attach(lora(golden, merge=True))
+    unmerged = sd_tiny.attach(lora(golden, merge=False))  # hooks on the outputs: fine over int8 weights
+    hooked = unet_out(sd_tiny, lora_io)
+    sd_tiny.detach(unmerged)
+    sd_tiny.detach(int8)
+    merged = sd_tiny.attach(lora(golden, merge=True))  # the documented order: LoRA merged first, then int8
+    sd_tiny.attach(registry.build("adapter", "int8_weights"))
+    expected = lora_io["unet.out_lora_1.0"]
+    assert rel_err(unet_out(sd_tiny, lora_io), expected) < 3e-2 and rel_err(hooked, expected) < 3e-2
+    assert merged in sd_tiny.adapters

@@ -36,40 +36,31 @@ def test_a_partial_merge_keeps_the_kept_tokens_and_averages_the_rest():
     assert torch.allclose((merged[0, -9:] * counts[:, None]).sum(), total, atol=1e-4)  # means, weighted back
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = LatentDiffusionPipeline.from_config(compose("train", ["experiment=smoke"])).eval()
-    torch.manual_seed(0)
-    for parameter in pipe.denoiser.parameters():  # the untrained UNet's zero-initialised outputs hide everything
-        parameter.data.normal_(0, 0.1)
-    return pipe
-
-
-def test_attached_it_merges_detached_the_unet_is_exactly_back(pipe):
-    x = torch.randn(2, pipe.codec.latent_channels, 8, 8)
+def test_attached_it_merges_detached_the_unet_is_exactly_back(smoke):
+    x = torch.randn(2, smoke.codec.latent_channels, 8, 8)
     t = torch.tensor([500, 500])
-    cond = pipe.conditioner({"prompt": ["a red circle", "a blue star"]})
+    cond = smoke.conditioner({"prompt": ["a red circle", "a blue star"]})
     seen = []
-    attention = next(m for m in pipe.denoiser.modules() if type(m).__name__ == "Attention")
+    attention = next(m for m in smoke.denoiser.modules() if type(m).__name__ == "Attention")
     hook = attention.to_q.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
     with torch.no_grad():
-        before = pipe.denoiser(x, t, cond)
+        before = smoke.denoiser(x, t, cond)
         plain_tokens = list(seen)
         seen.clear()
         adapter = registry.build("adapter", "token_merging", ratio=0.5, max_downsample=8)
-        pipe.attach(adapter)
-        merged = pipe.denoiser(x, t, cond)
+        smoke.attach(adapter)
+        merged = smoke.denoiser(x, t, cond)
         merged_tokens = list(seen)
-        pipe.detach(adapter)
-        after = pipe.denoiser(x, t, cond)
+        smoke.detach(adapter)
+        after = smoke.denoiser(x, t, cond)
     hook.remove()
     assert merged_tokens[0] == plain_tokens[0] // 2  # half the tokens merged away
     assert not torch.equal(merged, before) and torch.equal(after, before)
     off = registry.build("adapter", "token_merging", ratio=0.0)
-    pipe.attach(off)
+    smoke.attach(off)
     with torch.no_grad():
-        assert torch.equal(pipe.denoiser(x, t, cond), before)
-    pipe.detach(off)
+        assert torch.equal(smoke.denoiser(x, t, cond), before)
+    smoke.detach(off)
 
 
 def test_bad_options_and_denoisers_without_spatial_transformers_are_refused():
@@ -81,3 +72,23 @@ def test_bad_options_and_denoisers_without_spatial_transformers_are_refused():
                                                                 "denoiser.hidden_size=32", "denoiser.num_heads=2"]))
     with pytest.raises(AdapterError, match="denoiser 'dit' has none"):
         dit.attach(registry.build("adapter", "token_merging"))
+
+
+def test_it_says_once_when_no_attention_is_in_reach(caplog):
+    # The shapes demo's UNet attends only below its first level: max_downsample 1 merges nothing, which must not
+    # pass for "merging changed nothing".
+    pipe = LatentDiffusionPipeline.from_config(compose("train", ["experiment=smoke", "denoiser.channel_mult=[1,2]",
+                                                                 "denoiser.attention_resolutions=[2]"])).eval()
+    x = torch.randn(2, pipe.codec.latent_channels, 8, 8)
+    t = torch.tensor([500, 500])
+    cond = pipe.conditioner({"prompt": ["a red circle", "a blue star"]})
+    for max_downsample, warned in ((1, True), (2, False)):
+        caplog.clear()
+        adapter = registry.build("adapter", "token_merging", ratio=0.5, max_downsample=max_downsample)
+        pipe.attach(adapter)
+        with torch.no_grad(), caplog.at_level("WARNING", logger="latentgen.adapters"):
+            pipe.denoiser(x, t, cond)
+            pipe.denoiser(x, t, cond)
+        pipe.detach(adapter)
+        messages = [record.message for record in caplog.records if "merged nothing" in record.message]
+        assert len(messages) == (1 if warned else 0), messages

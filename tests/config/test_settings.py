@@ -6,7 +6,6 @@ tests/reliability/test_app_settings.py; `python benchmarks/bad_settings.py` time
 
 from __future__ import annotations
 
-
 import pytest
 
 from latentgen.config.settings import SampleAppSettings, TrainRunSettings
@@ -34,7 +33,7 @@ def test_the_shipped_configs_are_valid_settings():
     from latentgen.config import compose
     from latentgen.training.run import validated_config
 
-    for experiment in ("smoke", "shapes", "digits", "shapes_dit", "shapes_sr"):
+    for experiment in ("smoke", "shapes", "shapes_single", "digits", "shapes_dit", "shapes_sr"):
         config = validated_config(compose("train", [f"experiment={experiment}"]))
         assert config["train"]["denoiser"]["steps"] >= 1
     sample = OmegaConf.to_container(compose("sample", ["checkpoint=x"]))

@@ -171,6 +171,26 @@ def test_eval_writes_a_table_and_eval_json(trained, judge, cache, tmp_path):
     assert Image.open(tmp_path / "samples.png").size[0] > 6 * SIZE and results["sampling"]["grid"].endswith("samples.png")
 
 
+@pytest.mark.slow
+def test_eval_attaches_adapters_and_records_them(trained, judge, cache):
+    from latentgen.adapters.deep_cache import DeepCache
+
+    calls = {"unet": 0, "deep": 0}
+
+    class Counted(DeepCache):  # counts the UNet's calls and those that ran its deep path (middle block)
+        def apply(self, pipeline):
+            super().apply(pipeline)
+            pipeline.denoiser.register_forward_hook(lambda *_: calls.update(unet=calls["unet"] + 1))
+            pipeline.denoiser.middle_block.register_forward_hook(lambda *_: calls.update(deep=calls["deep"] + 1))
+
+    settings = dict(metrics=["adherence"], num_samples=6, cache_dir=str(cache))
+    exact = evaluate_checkpoint(trained, EvalSettings(**settings))
+    accelerated = evaluate_checkpoint(trained, EvalSettings(**settings, adapters=[Counted(interval=2, depth=1)]))
+    # An unregistered subclass describes itself by its class name.
+    assert "adapters" not in exact and accelerated["adapters"] == [{"name": "Counted", "interval": 2, "depth": 1}]
+    assert calls["unet"] == 3 and calls["deep"] == 2  # attached while sampling: smoke's 3 steps, the middle one reused
+
+
 @pytest.mark.parametrize("args, message", [
     (["checkpoint=/nonexistent/last.safetensors"], "checkpoint '/nonexistent/last.safetensors' does not exist"),
     (["metrics=[digits_accuracy]"], "metric 'digits_accuracy' does not apply to a shapes checkpoint"),

@@ -43,7 +43,9 @@ def test_the_tiny_golden_models_match_sgm(golden, model):
     cond, uncond = pipe.conditioner(batch), pipe.conditioner.unconditional(batch)
     for key in ("crossattn", "vector"):
         assert relative_error(cond[key], io[f"cond.{key}"]) < 1e-4
-        assert torch.allclose(uncond[key], io[f"uncond.{key}"], atol=1e-5)
+        # atol 1e-4: the size embeddings are cos/sin of arguments up to ~1e3 rad, whose float32 spacing alone
+        # is 6e-5; another CPU's vectorized sin lands that far from the reference (measured 5.8e-5)
+        assert torch.allclose(uncond[key], io[f"uncond.{key}"], atol=1e-4)
     out = pipe.denoiser(io["unet.x"], io["unet.t"], {"crossattn": io["unet.context"], "vector": io["unet.y"]})
     assert relative_error(out, io["unet.out"]) < 1e-4
     assert relative_error(pipe.schedule.sigmas.float(), io["denoiser.sigmas"]) < 1e-4  # LegacyDDPMDiscretization

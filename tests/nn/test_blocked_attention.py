@@ -121,3 +121,15 @@ def test_autocast_without_grad_takes_the_blocked_path():
             out = module(x)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, expected) < 1e-2
+
+
+def test_under_torch_compile_it_is_one_operator_in_one_graph():
+    # An opaque operator whose declared output (the fake) matches what it returns: a compiled UNet keeps its
+    # attention in the graph instead of breaking it at every layer (and recompiling per block past the limit).
+    q, k, v = (torch.randn(1, 2, 300, 40).bfloat16() for _ in range(3))
+    torch.library.opcheck(blocked.blocked_attention_op, (q, k, v))
+    with torch.no_grad():
+        explained = torch._dynamo.explain(blocked.dot_product_attention)(q, k, v)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        compiled = torch.compile(blocked.dot_product_attention, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(q, k, v), blocked.dot_product_attention(q, k, v))

@@ -21,7 +21,13 @@ from omegaconf import OmegaConf
 
 import latentgen
 from latentgen import registry
-from latentgen.errors import ComponentConflictError, ComponentNotFoundError, ConfigError, PluginLoadError
+from latentgen.errors import (
+    ComponentConflictError,
+    ComponentNotFoundError,
+    ConfigError,
+    PluginLoadError,
+)
+
 
 def _declared_builtins() -> dict[str, list[str]]:
     """The entry points latentgen's own pyproject.toml declares, by kind: the source of truth."""
@@ -92,6 +98,8 @@ SMALL_PARAMS = {
     ("adapter", "controlnet"): dict(path=str(_GOLDEN / "controlnet-tiny-weights.safetensors")),
     ("adapter", "trainable_lora"): dict(rank=2),
     ("adapter", "token_merging"): dict(ratio=0.5),
+    ("adapter", "int8_weights"): dict(),
+    ("adapter", "deep_cache"): dict(interval=2),
     ("adapter", "tiny_decoder"): dict(path=str(Path(__file__).parents[1] / "data" / "taesd" / "decoder-8ch.pth")),
     ("adapter", "embedding"): dict(path=str(Path(__file__).parents[1] / "data" / "embeddings" / "tiny-style.pt")),
 }

@@ -78,6 +78,9 @@ CASES = [
     ("train", ["denoiser.model_channels=0"], "model_channels must be a positive integer; got 0"),
     ("train", ["denoiser=no_such_denoiser"], "Could not find 'denoiser/no_such_denoiser'"),
     ("train", ["dataset.image_size=30"], "image_size must be a multiple of 8"),
+    ("train", ["+dataset.two_objects=2"], "two_objects is the fraction of two-object items, a number in [0, 1]"),
+    ("train", ["+dataset.held_out=maybe"], "held_out must be true or false"),
+    ("train", ["+dataset.two_objects=0.5"], "two-object scenes need image_size of at least 32"),
     ("train", ["+denoiser.no_such_option=1"], "has no parameter denoiser.no_such_option"),
     ("train", ["train.codec.batch_size=100000000"], "train.codec.batch_size=100000000 (micro-batches of 100000000) "
                                                     "at 16x16 needs at least"),
@@ -165,8 +168,13 @@ CASES = [
     ("eval", ["guidance_scale=-2"], "guidance_scale=-2"),
     ("eval", ["judge.min_accuracy=2"], "judge.min_accuracy=2"),
     ("eval", ["judge.steps=0"], "judge.steps=0"),
+    ("eval", ["composition.seen=-1"], "composition.seen=-1"),
+    ("eval", ["composition.min_judge_accuracy=2"], "composition.min_judge_accuracy=2"),
     ("eval", ["codec_fidelity.natural_size=4"], "codec_fidelity.natural_size=4"),
     ("eval", ["seed=abc"], "seed='abc'"),
+    ("eval", ["adapters=[{{ratio: 0.5}}]"], "adapters[0]={'ratio': 0.5}: must be a mapping with a name"),
+    ("eval", ["adapters=[{{name: token_merging, ratio: 2}}]"], "ratio must be a number in [0, 1)"),
+    ("eval", ["adapters=[{{name: nope}}]"], "unknown adapter 'nope'"),
     ("eval", ["checkpoint=null"], "checkpoint: not given"),
 ]
 
