@@ -1,4 +1,5 @@
-"""The shapes demo on each diffusion process in the same budget: train `experiment=shapes` with eps (the discrete
+"""The single-object shapes demo on each diffusion process in the same budget: train `experiment=shapes_single` (the
+demo until issue 19) with eps (the discrete
 process), rectified flow and EDM for each seed, judge and FD-score every checkpoint with `latentgen-eval` (DDIM
 and DPM-Solver++(2M), 25 steps), and print the table of docs/processes.md.
 
@@ -28,7 +29,7 @@ def train(out: Path, process: str, seed: int, device: str, overrides: list[str])
     run = out / f"{process}_s{seed}"
     checkpoint = run / "checkpoints" / "last.safetensors"
     if not (run / "summary.json").is_file():
-        subprocess.run([str(BIN / "latentgen-train"), "experiment=shapes", PROCESSES[process], f"seed={seed}",
+        subprocess.run([str(BIN / "latentgen-train"), "experiment=shapes_single", PROCESSES[process], f"seed={seed}",
                         f"device={device}", "train.tensorboard=false", "overwrite=true", f"hydra.run.dir={run}",
                         *overrides],
                        check=True, stdout=subprocess.DEVNULL)

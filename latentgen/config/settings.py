@@ -67,6 +67,9 @@ class StageSettings:
     batch_size: int = setting(64, ge=1)
     lr: float = setting(1.0e-3, gt=0)
     grad_accumulation: int = setting(1, ge=1, help="micro-batches per optimizer step")
+    precision: Optional[str] = setting(None, choices=PRECISIONS, help="this stage's precision; null: train.precision")
+    channels_last: bool = setting(False, help="the stage's network keeps its conv weights channels-last (NHWC): "
+                                  "oneDNN's own layout, faster for some conv networks on a CPU")
 
     def validate(self, prefix: str) -> None:
         if self.batch_size % self.grad_accumulation:

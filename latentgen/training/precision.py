@@ -19,12 +19,12 @@ class Precision:
     """`with precision.autocast(): loss = ...`, then `backward(loss)`, `unscale_(opt)` before clipping,
     `step(opt)` for each optimizer and `update()` once per training step."""
 
-    def __init__(self, name: str, device: torch.device):
+    def __init__(self, name: str, device: torch.device, key: str = "train.precision"):
         if name not in PRECISIONS:
-            raise ValueError(f"unknown train.precision '{name}'; choose one of {list(PRECISIONS)}")
+            raise ValueError(f"unknown {key} '{name}'; choose one of {list(PRECISIONS)}")
         if name == "fp16" and device.type != "cuda":
-            raise ValueError(f"train.precision=fp16 needs a CUDA device (it relies on a GradScaler); the device is "
-                             f"'{device}': use train.precision=bf16 or fp32 there")
+            raise ValueError(f"{key}=fp16 needs a CUDA device (it relies on a GradScaler); the device is "
+                             f"'{device}': use {key}=bf16 or fp32 there")
         self.name = name
         self.device = device
         self.dtype = PRECISIONS[name]

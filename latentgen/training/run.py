@@ -181,6 +181,11 @@ class TrainingRun:
         self.dataset, pipe = build_parts(self.config)
         self.pipe = pipe.to(device)
         self.precision = Precision(str(self.train_settings.get("precision", "fp32")), device)
+        # A stage's own precision (train.<stage>.precision), checked now rather than when its stage starts.
+        self.precisions = {stage: Precision(str(self.train_settings[stage]["precision"]), device,
+                                            f"train.{stage}.precision")
+                           if self.train_settings[stage].get("precision") else self.precision
+                           for stage in ("codec", "denoiser")}
         self.budget = StepBudget(self.train_settings.get("stop_after_steps"))
         self.monitor = Monitor.from_config(self.train_settings, run_dir, self.dataset, seed) if group.is_main else None
         self.summary: dict[str, Any] = {"device": str(device), "checkpoint": str(self.checkpoint_path)}
@@ -231,6 +236,7 @@ class TrainingRun:
                 _truncate_metrics(self.run_dir / "metrics.csv", state["stage"], state["step"])
             log.info("resuming %s at %s, step %d", self.run_dir, STAGE_LABELS[state["stage"]], state["step"])
         stage = state["stage"] if state is not None else "codec"
+        self._layout(self.pipe.codec, self.train_settings["codec"])  # also when resuming in stage 2: it encodes its data
         if stage == "codec" and not self._codec_stage(state):
             return self._stopped()
         self.pipe.codec.eval().requires_grad_(False)
@@ -276,7 +282,7 @@ class TrainingRun:
             return True
         began = time.perf_counter()
         trainer = CodecTrainer(self.pipe.codec, self.dataset, settings, self.device, self.generator,
-                               int(self.train_settings.get("num_workers", 0)), self.precision, self.group)
+                               int(self.train_settings.get("num_workers", 0)), self.precisions["codec"], self.group)
         first = self._resume_trainer(trainer, state)
         log_ = stage_log(STAGE_LABELS["codec"], trainer.steps, first, self.run_dir, int(self.train_settings["log_every"]),
                          self.monitor.events if self.monitor else None, self.group.is_main)
@@ -313,7 +319,8 @@ class TrainingRun:
             rng.restore(state["rng"], self.generator)  # saved at the end of stage 1, before all of this
         began = time.perf_counter()
         cache = self._latent_cache(settings.get("latent_cache"))
-        trainer = DenoiserTrainer(self.pipe, cache, settings, self.generator, self.precision, self.group)
+        self._layout(self.pipe.denoiser, settings)
+        trainer = DenoiserTrainer(self.pipe, cache, settings, self.generator, self.precisions["denoiser"], self.group)
         first = self._resume_trainer(trainer, state)
         log_ = stage_log(STAGE_LABELS["denoiser"], trainer.steps, first, self.run_dir,
                          int(self.train_settings["log_every"]), self.monitor.events if self.monitor else None,
@@ -343,6 +350,13 @@ class TrainingRun:
                                         "final_loss": _final_loss(log_), "grid": str(grid),
                                         "grid_captions": captions}
         return True
+
+    @staticmethod
+    def _layout(module: torch.nn.Module, settings: Mapping[str, Any]) -> None:
+        """channels_last: the stage's network keeps its 4-D weights NHWC (the values stay; a resumed state loads
+        into them as into any layout, and checkpoints are written contiguous, so no file depends on it)."""
+        if settings.get("channels_last"):
+            module.to(memory_format=torch.channels_last)
 
     def _finish(self) -> None:
         if self.group.is_main:

@@ -33,7 +33,7 @@ def test_the_shipped_configs_are_valid_settings():
     from latentgen.config import compose
     from latentgen.training.run import validated_config
 
-    for experiment in ("smoke", "shapes", "shapes_single", "digits", "shapes_dit", "shapes_sr"):
+    for experiment in ("smoke", "shapes", "shapes_single", "shapes_composed", "digits", "shapes_dit", "shapes_sr"):
         config = validated_config(compose("train", [f"experiment={experiment}"]))
         assert config["train"]["denoiser"]["steps"] >= 1
     sample = OmegaConf.to_container(compose("sample", ["checkpoint=x"]))

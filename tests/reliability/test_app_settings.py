@@ -45,6 +45,8 @@ CASES = [
     ("train", ["train.num_workers=-1"], "train.num_workers=-1"),
     ("train", ["train.precision=fp8"], "train.precision='fp8'"),
     ("train", ["train.tensorboard=maybe"], "train.tensorboard='maybe'"),
+    ("train", ["train.denoiser.channels_last=nhwc"], "train.denoiser.channels_last='nhwc'"),
+    ("train", ["train.codec.precision=fp8"], "train.codec.precision='fp8'"),
     ("train", ["train.tensorboard=2"], "train.tensorboard=2: must be true or false"),
     ("train", ["threads=0"], "threads=0"),
     ("train", ["train.tiny_decoder={{steps: 5, batch_size: 4, lr: 0.001, channels: 8, compare_images: 4}}"],
