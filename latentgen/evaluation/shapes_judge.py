@@ -258,25 +258,26 @@ def train_half_judge(image_size: int, recipe: JudgeRecipe = HALF_JUDGE_RECIPE) -
     return _fit(lambda: HalfJudge(image_size), crops, factors, recipe)  # type: ignore[return-value]
 
 
-def held_out_accuracy(judge: ShapesJudge, recipe: JudgeRecipe = JudgeRecipe()) -> dict[str, float]:
-    """Accuracy per head, and of shape-and-colour jointly, on `recipe.held_out_images` test-split renders."""
-    images, factors = rendered_split(judge.image_size, recipe.held_out_images, "test", recipe.seed, recipe.background)
+def _head_accuracy(judge: ShapesJudge, images: torch.Tensor, factors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Accuracy per head, of shape-and-colour ("joint") and of all three ("object") of the judge's readings."""
     with _single_thread():
         predicted = judge.predict(images)
     correct = {name: predicted[name] == factors[name] for name in HEADS}
     accuracy = {name: float(hits.double().mean()) for name, hits in correct.items()}
     accuracy["joint"] = float((correct["shape"] & correct["colour"]).double().mean())
+    accuracy["object"] = float((correct["shape"] & correct["colour"] & correct["size"]).double().mean())
     return accuracy
+
+
+def held_out_accuracy(judge: ShapesJudge, recipe: JudgeRecipe = JudgeRecipe()) -> dict[str, float]:
+    """Accuracy per head, of shape-and-colour ("joint") and of all three ("object") on `recipe.held_out_images`
+    test-split renders."""
+    images, factors = rendered_split(judge.image_size, recipe.held_out_images, "test", recipe.seed, recipe.background)
+    return _head_accuracy(judge, images, factors)
 
 
 def half_held_out_accuracy(judge: HalfJudge, recipe: JudgeRecipe = HALF_JUDGE_RECIPE) -> dict[str, float]:
     """Accuracy per head, of shape-and-colour ("joint") and of all three ("object") over the objects of
     `recipe.held_out_images` test-split two-object renders, each read in its own half."""
     crops, factors = rendered_halves(judge.scene_size, recipe.held_out_images, "test", recipe.seed, recipe.background)
-    with _single_thread():
-        predicted = judge.predict(crops)
-    correct = {name: predicted[name] == factors[name] for name in HEADS}
-    accuracy = {name: float(hits.double().mean()) for name, hits in correct.items()}
-    accuracy["joint"] = float((correct["shape"] & correct["colour"]).double().mean())
-    accuracy["object"] = float((correct["shape"] & correct["colour"] & correct["size"]).double().mean())
-    return accuracy
+    return _head_accuracy(judge, crops, factors)

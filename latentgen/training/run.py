@@ -180,11 +180,11 @@ class TrainingRun:
         self.generator = torch.Generator().manual_seed(seed)
         self.dataset, pipe = build_parts(self.config)
         self.pipe = pipe.to(device)
-        self.precision = Precision(str(self.train_settings.get("precision", "fp32")), device)
-        # A stage's own precision (train.<stage>.precision), checked now rather than when its stage starts.
+        run_precision = Precision(str(self.train_settings.get("precision", "fp32")), device)
+        # Each stage's own (train.<stage>.precision) or the run's, all checked before anything trains.
         self.precisions = {stage: Precision(str(self.train_settings[stage]["precision"]), device,
                                             f"train.{stage}.precision")
-                           if self.train_settings[stage].get("precision") else self.precision
+                           if self.train_settings[stage].get("precision") else run_precision
                            for stage in ("codec", "denoiser")}
         self.budget = StepBudget(self.train_settings.get("stop_after_steps"))
         self.monitor = Monitor.from_config(self.train_settings, run_dir, self.dataset, seed) if group.is_main else None

@@ -45,11 +45,6 @@ SIZE = 32  # the smallest scene size: each object lies in a 16-pixel-wide half
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def judge(cache):
     return half_judge(SIZE, cache_dir=cache)
 

@@ -32,11 +32,6 @@ SIZE = 16  # the smoke experiment's image size
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def judge(cache):
     return shapes_judge(SIZE, cache_dir=cache)
 
