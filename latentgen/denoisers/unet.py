@@ -116,7 +116,9 @@ class UNet(Denoiser):
     and `num_head_channels` is set. `vector_dim` is the original's `adm_in_channels` with
     `num_classes="sequential"` (an MLP embedding added to the time embedding, as in SD x4-upscaler
     and SDXL). `concat_channels` of `in_channels` are taken by `cond["concat"]`, concatenated to x.
-    `dropout` applies inside the ResBlocks only, as in the original.
+    `dropout` applies inside the ResBlocks only, as in the original. `attention_positions` (not in the original)
+    tells every spatial transformer where its tokens lie (`latentgen.nn.grid_positions`), which prompts that place
+    objects ("a red circle left of a blue star") need; it adds `positions.proj` to each transformer's keys.
 
     Not supported (unused by Stable Diffusion v1/v2): `use_scale_shift_norm`, `resblock_updown`,
     `conv_resample=False`, `num_heads_upsample`, `disable_self_attentions`, integer `num_classes`,
@@ -142,6 +144,7 @@ class UNet(Denoiser):
         norm_groups: int = 32,
         num_attention_blocks: Sequence[int] | None = None,
         legacy: bool = False,
+        attention_positions: bool = False,
     ) -> None:
         super().__init__()
         context_dim = _one_context_dim(context_dim)
@@ -149,6 +152,8 @@ class UNet(Denoiser):
                        context_dim=context_dim, vector_dim=vector_dim, norm_groups=norm_groups,
                        channel_mult=channel_mult, dropout=dropout, num_heads=num_heads,
                        num_head_channels=num_head_channels, concat_channels=concat_channels)
+        if not isinstance(attention_positions, bool):
+            raise ValueError(f"unet: attention_positions must be true or false; got {attention_positions!r}")
         levels = len(channel_mult)
         res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks", minimum=1)
         depths = _per_level(transformer_depth, levels, "transformer_depth")
@@ -184,6 +189,7 @@ class UNet(Denoiser):
                 context_dim=context_dim,
                 use_linear=use_linear_in_transformer,
                 norm_groups=norm_groups,
+                positions=attention_positions,
             )
 
         def res_block(channels: int, out: int) -> ResBlock:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentgen.nn.blocked_attention import dot_product_attention
+from latentgen.nn.grid_positions import GridPositions
 from latentgen.nn.normalization import GroupNorm32
 
 
@@ -141,6 +142,8 @@ class SpatialTransformer(nn.Module):
     `proj_out` back (zero-initialised, so the block starts as the identity), plus the input.
     The linear `proj_out` maps inner_dim -> in_channels (the original declares it the other way
     round, which only works because the two are equal in every released model).
+    `positions` adds `GridPositions` to the tokens after `proj_in` (not in the original: its models must infer
+    position from the convolutions' padding), so that cross-attention can bind words to places.
     """
 
     def __init__(
@@ -153,10 +156,12 @@ class SpatialTransformer(nn.Module):
         context_dim: int | None = None,
         use_linear: bool = False,
         norm_groups: int = 32,
+        positions: bool = False,
     ) -> None:
         super().__init__()
         inner_dim = num_heads * dim_head
         self.use_linear = use_linear
+        self.positions = GridPositions(inner_dim) if positions else None
         self.norm = GroupNorm32(norm_groups, in_channels, eps=1e-6)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
@@ -180,6 +185,8 @@ class SpatialTransformer(nn.Module):
         h = h.flatten(2).transpose(1, 2)  # (B, h * w, C or inner)
         if self.use_linear:
             h = self.proj_in(h)  # (B, h * w, inner)
+        if self.positions is not None:
+            h = h + self.positions(height, width).to(h.dtype)
         for block in self.transformer_blocks:
             h = block(h, context=context)
         if self.use_linear:

@@ -47,6 +47,7 @@ CASES = [
     ("train", ["train.tensorboard=maybe"], "train.tensorboard='maybe'"),
     ("train", ["train.denoiser.channels_last=nhwc"], "train.denoiser.channels_last='nhwc'"),
     ("train", ["train.codec.precision=fp8"], "train.codec.precision='fp8'"),
+    ("train", ["+denoiser.attention_positions=maybe"], "attention_positions must be true or false; got 'maybe'"),
     ("train", ["train.tensorboard=2"], "train.tensorboard=2: must be true or false"),
     ("train", ["threads=0"], "threads=0"),
     ("train", ["train.tiny_decoder={{steps: 5, batch_size: 4, lr: 0.001, channels: 8, compare_images: 4}}"],
