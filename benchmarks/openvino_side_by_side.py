@@ -15,7 +15,9 @@ code), alternating runtimes for --rounds rounds; a figure is the median over rou
 --repeats calls after one warm-up. `--busy` keeps the other cores busy with a
 Python loop each (what the issue measured: one thread each, the other core busy).
 
-latentgen's configurations: `eager` (load_pipeline's default fast path) and `compiled` (`compile=True`).
+latentgen's configurations: `eager` (load_pipeline's default fast path), `compiled` (`compile=True`),
+`eager-blocked` (the blocked bf16 attention forced on, as on a CPU without AMX) and `eager-blocked-torch-softmax`
+(the same with torch's softmax instead of the compiled kernel).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sd_cpu import CHECKPOINT_VERSION, ensure_checkpoint, timed  # noqa: E402
+
+# latentgen's configurations: (compile, blocked attention: None = the default, compiled softmax kernel)
+CONFIGS = {"eager": (False, None, True), "compiled": (True, None, True),
+           "eager-blocked": (False, True, True), "eager-blocked-torch-softmax": (False, True, False)}
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,14 +89,17 @@ def openvino_model(checkpoint: Path, inputs: tuple[torch.Tensor, ...], threads: 
     return call
 
 
-def latentgen_model(checkpoint: Path, inputs: tuple[torch.Tensor, ...], compiled: bool):
+def latentgen_model(checkpoint: Path, inputs: tuple[torch.Tensor, ...], config: str):
     from latentgen.interop.stable_diffusion import load_pipeline
+    from latentgen.nn.blocked_attention import blocked_attention
+    from latentgen.nn.native_softmax import native_softmax
 
+    compiled, blocked, native = CONFIGS[config]
     pipe = load_pipeline(checkpoint, dtype=torch.bfloat16, compile=compiled)
     x, t, context = (t.to(torch.bfloat16) if t.is_floating_point() and t.dim() > 1 else t for t in inputs)
 
     def call():
-        with torch.inference_mode():
+        with torch.inference_mode(), blocked_attention(blocked), native_softmax(native):
             return pipe.denoiser(x, t, {"crossattn": context}).float()
 
     return call
@@ -101,7 +110,7 @@ def measure(runtime: str, threads: int, repeats: int, checkpoint: Path, inputs: 
     """Median seconds per step of one runtime in this process (warm-up first); its output saved to `output`."""
     torch.set_num_threads(threads)
     call = openvino_model(checkpoint, inputs, threads) if runtime == "openvino" else \
-        latentgen_model(checkpoint, inputs, runtime == "compiled")
+        latentgen_model(checkpoint, inputs, runtime)
     seconds, _, result = timed(call, repeats)  # after a warm-up: oneDNN primitives, OpenVINO's kernels, compilation
     torch.save(result, output)
     return seconds
@@ -112,7 +121,7 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="times each runtime runs, alternating")
-    parser.add_argument("--configs", nargs="+", default=["eager"], choices=["eager", "compiled"])
+    parser.add_argument("--configs", nargs="+", default=["eager"], choices=list(CONFIGS))
     parser.add_argument("--busy", action="store_true", help="keep every other core busy with a Python loop")
     parser.add_argument("--spec", type=Path, default=REPO.parent / "shared" / "spec" / "sd-v1-keys.tsv")
     parser.add_argument("--file", type=Path,

@@ -14,9 +14,10 @@ checkpoint; `benchmarks/sd_cpu.py` measures each lever on its own. What it does:
   noise) with the blocked bf16 attention below, which is an opaque operator inside the graph (one graph, no
   recompilation per block); at one thread a step measured 9.22 s compiled and eager alike.
 
-One more CPU lever is chosen per call rather than here, since it only applies to bf16: attention with
-at least 256 keys runs blocked (`latentgen.nn.blocked_attention`), about 2x faster than torch's
-flash kernel at SD's 4096 tokens, with the scores rounded to bf16.
+One more CPU lever is chosen per call rather than here, since it only applies to bf16: on a CPU without AMX,
+attention with at least 256 keys runs blocked (`latentgen.nn.blocked_attention`), about 2x faster than torch's
+flash kernel at SD's 4096 tokens there, with the scores rounded to bf16; with AMX, torch's flash kernel is faster
+and runs instead.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """softmax(Q K^T / sqrt(d)) V for bf16 on the CPU, one head and one block of queries at a time.
 
-torch's CPU flash-attention kernel runs bf16 no faster than float32: on a 2-core AVX-512 machine, one
+torch's CPU flash-attention kernel runs bf16 no faster than float32 without AMX: on a 2-core AVX-512 machine, one
 of SD v1's 4096-token self-attention layers (batch 2, 8 heads of 40) took 268 ms in bf16 and 254 ms in
 float32, where the bf16 matmul peak is 4x the float32 one. Two batched matmuls per block of 256
 queries against all keys, with the softmax between them, keep the block's scores in cache and reach
@@ -9,9 +9,17 @@ of 162 ms for the VAE's single 512-wide head at 4096 tokens (`benchmarks/attenti
 bf16 SD v1 UNet step was 1.26-1.39x faster in four runs, e.g. 3.50 s -> 2.51 s (`benchmarks/sd_cpu.py`,
 config `bf16-sdpa-attention` for the old path).
 
+The softmax runs in place through a compiled kernel where one can be built (`latentgen.nn.native_softmax`).
+
 The price is precision: the scores are rounded to bf16 before the softmax (which itself accumulates
 in float32). On random inputs the relative error against float64 is 5.7e-3 where the flash kernel
 gives 3.8e-3; both round the probabilities and the output to bf16.
+
+Where the CPU has AMX tiles (Intel Xeon since Sapphire Rapids), torch's flash kernel runs bf16 on them
+and wins instead: on a 2-core AMX machine the same 4096-token layer took 183 ms there against 261 ms blocked at
+one thread (90 against 163 ms at two), and a bf16 SD v1 UNet step 3.30 s against 3.68 s (1.89 against 2.28 s at
+two threads). So by default the blocked path runs only where AMX is missing (`blocked_attention(True)` forces it,
+`False` rules it out).
 
 Everything else (float32, other devices, masks, short key sequences such as a 77-token text context,
 inputs that need gradients) goes to `scaled_dot_product_attention`.
@@ -25,6 +33,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from latentgen.nn.native_softmax import softmax_
+
 # Below this many keys a block is small enough that the flash kernel's single call wins (at 77 keys,
 # SD's text context, it took 8.8 ms against 17.6 ms blocked).
 MIN_KEYS = 256
@@ -33,12 +43,26 @@ BLOCK_SCORES = 2**20
 # Values are padded with zero columns to a multiple of this width (see `_blocked`).
 VALUE_WIDTH_MULTIPLE = 16
 
-_enabled = True
+_enabled: bool | None = None  # None: wherever torch's flash kernel has no AMX (see the module's docstring)
+
+
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, which torch's CPU flash-attention kernel runs bf16 on."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch: absent means not known
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+# Asked once at import, not per call: torch.compile cannot trace the query and would break the graph there.
+FLASH_KERNEL_HAS_AMX = _cpu_has_amx()
 
 
 @contextmanager
-def blocked_attention(enabled: bool) -> Iterator[None]:
-    """Turn the blocked bf16 path on or off inside a `with` block (to measure or rule it out)."""
+def blocked_attention(enabled: bool | None) -> Iterator[None]:
+    """Force the blocked bf16 path on (True) or off (False) inside a `with` block, to measure it or rule it out;
+    None restores the default (on where the CPU has no AMX)."""
     global _enabled
     previous, _enabled = _enabled, enabled
     try:
@@ -49,8 +73,9 @@ def blocked_attention(enabled: bool) -> Iterator[None]:
 
 def uses_blocked_path(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None) -> bool:
     """Whether `dot_product_attention` takes the blocked path for these inputs."""
+    enabled = not FLASH_KERNEL_HAS_AMX if _enabled is None else _enabled
     return (
-        _enabled
+        enabled
         and q.device.type == "cpu"
         and q.dtype == torch.bfloat16
         and attn_mask is None
@@ -93,7 +118,7 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         head_keys_t, head_v = keys_t[head : head + 1], v[head : head + 1]
         for start in range(0, n_queries, rows):
             scores = torch.bmm(q[head : head + 1, start : start + rows], head_keys_t)  # (1, rows, L)
-            torch.bmm(torch.softmax(scores, dim=-1), head_v, out=out[head : head + 1, start : start + rows])
+            torch.bmm(softmax_(scores), head_v, out=out[head : head + 1, start : start + rows])
     out = out[..., :value_dim].contiguous() if padded_dim != value_dim else out
     return out.view(*lead, n_queries, value_dim)  # contiguous, as the fake below says
 

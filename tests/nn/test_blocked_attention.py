@@ -10,6 +10,13 @@ from latentgen.nn.attention import Attention
 from latentgen.nn.autoencoder import AttnBlock
 
 
+@pytest.fixture(autouse=True)
+def forced_on():
+    """The blocked path under test also on a CPU with AMX, where torch's flash kernel is the default."""
+    with blocked.blocked_attention(True):
+        yield
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -81,6 +88,22 @@ def test_switch_restores_the_previous_setting():
             assert blocked.uses_blocked_path(q, k)
         assert not blocked.uses_blocked_path(q, k)
     assert blocked.uses_blocked_path(q, k)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_by_default_it_runs_where_the_cpu_has_no_amx(monkeypatch, amx):
+    q, k, _ = inputs((1, 300, 8), (1, 300, 8))
+    monkeypatch.setattr(blocked, "FLASH_KERNEL_HAS_AMX", amx)
+    with blocked.blocked_attention(None):
+        assert blocked.uses_blocked_path(q, k) is not amx
+        with blocked.blocked_attention(True):
+            assert blocked.uses_blocked_path(q, k)
+        with blocked.blocked_attention(False):
+            assert not blocked.uses_blocked_path(q, k)
+
+
+def test_amx_detection_answers_a_bool():
+    assert isinstance(blocked.FLASH_KERNEL_HAS_AMX, bool) and blocked._cpu_has_amx() is blocked.FLASH_KERNEL_HAS_AMX
 
 
 @pytest.mark.parametrize("layer", ["unet", "vae"])

@@ -1,0 +1,96 @@
+"""A compiled bf16 row softmax for the blocked attention on x86 CPUs (latentgen/csrc/softmax_bf16.cpp).
+
+The softmax is about a fifth of a bf16 SD v1 UNet step on a CPU: over a billion scores per step at 512x512.
+torch's bf16 softmax widens, exponentiates to 1 ulp and narrows in separate passes into a new tensor; the
+kernel does it in place with ATen's fast polynomial exp (the one torch's own flash attention uses), since the
+probabilities are rounded to bf16 right after. A bf16 SD v1 UNet step with the blocked attention, on a 2-core
+AVX-512 machine: 4.0 -> 3.7 s at one thread, 2.45 -> 2.3 s at two (`benchmarks/openvino_side_by_side.py`,
+config `eager-torch-softmax`). Where the CPU has AMX, torch's flash kernel takes the attention instead and this
+kernel is neither built nor used (`latentgen/nn/blocked_attention.py`).
+
+The kernel is compiled on first use with torch's C++ extension builder (a C++ compiler is needed; about 20 s,
+once per machine and torch version, cached where torch keeps its extensions), and used only where the CPU has
+AVX2 or AVX-512. Without a compiler, or with `LATENTGEN_NATIVE_KERNELS=0`, or inside
+`with native_softmax(False):`, torch's softmax runs instead (one log line says why, once per process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+log = logging.getLogger("latentgen.native")
+
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "softmax_bf16.cpp"
+SWITCH = "LATENTGEN_NATIVE_KERNELS"  # "0" turns the compiled kernels off
+_CAPABILITIES = ("AVX512", "AVX2")  # ATen's vector widths the kernel is written for
+
+_enabled = True
+_kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
+_loaded = False  # whether loading was tried in this process (successfully or not)
+
+
+@contextmanager
+def native_softmax(enabled: bool) -> Iterator[None]:
+    """Turn the compiled softmax on or off inside a `with` block (to measure it or rule it out)."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def _build() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+        log.info("%s=%s: torch's softmax in the blocked attention", SWITCH, os.environ[SWITCH])
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in _CAPABILITIES:
+        log.info("the compiled softmax needs AVX2 or AVX-512 (this CPU: %s): torch's softmax instead", capability)
+        return None
+    quiet = logging.getLogger("torch.utils.cpp_extension")  # its import warns that a CPU machine has no CUDA
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        quiet.setLevel(level)
+
+    # -fopenmp: at::parallel_for is OpenMP in the header; linked, it resolves to the libgomp.so.1 torch loaded.
+    flags = ["-O3", "-march=native", "-fopenmp", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+    name = f"latentgen_softmax_bf16_{capability.lower()}"
+    try:
+        log.info("compiling latentgen's bf16 softmax kernel (once per machine, about 20 s; %s=0 skips it)", SWITCH)
+        return load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False).softmax_bf16_
+    except Exception as error:  # no compiler, no headers, a failed build: the fallback is exact, only slower
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.warning("could not compile latentgen's bf16 softmax kernel (%s); torch's softmax instead. A C++ "
+                    "compiler (g++) makes the blocked bf16 attention faster; %s=0 silences this", first, SWITCH)
+        return None
+
+
+def kernel() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The compiled in-place softmax (contiguous bf16 CPU tensor -> the same tensor), or None where it is
+    switched off or cannot be built here. Built on the first call of a process."""
+    global _kernel, _loaded
+    if not _enabled:
+        return None
+    if not _loaded:
+        _loaded = True
+        _kernel = _build()
+    return _kernel
+
+
+def softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension of bf16 CPU scores, in place when the compiled kernel runs (the input's
+    values are then gone), else torch's (a new tensor). Either way, use the returned tensor."""
+    compiled = kernel()
+    if compiled is None or not scores.is_contiguous() or scores.dtype != torch.bfloat16 \
+            or scores.device.type != "cpu" or scores.numel() == 0:
+        return torch.softmax(scores, dim=-1)
+    return compiled(scores)
