@@ -1,12 +1,12 @@
 """A compiled bf16 row softmax for the blocked attention on x86 CPUs (latentgen/csrc/softmax_bf16.cpp).
 
-The softmax is about a fifth of a bf16 SD v1 UNet step on a CPU: over a billion scores per step at 512x512.
-torch's bf16 softmax widens, exponentiates to 1 ulp and narrows in separate passes into a new tensor; the
-kernel does it in place with ATen's fast polynomial exp (the one torch's own flash attention uses), since the
-probabilities are rounded to bf16 right after. A bf16 SD v1 UNet step with the blocked attention, on a 2-core
-AVX-512 machine: 4.0 -> 3.7 s at one thread, 2.45 -> 2.3 s at two (`benchmarks/openvino_side_by_side.py`,
-config `eager-torch-softmax`). Where the CPU has AMX, torch's flash kernel takes the attention instead and this
-kernel is neither built nor used (`latentgen/nn/blocked_attention.py`).
+The blocked attention's softmax runs over about 1.4 billion scores per bf16 SD v1 UNet step at 512x512, a tenth
+of the step. torch's bf16 softmax widens, exponentiates to 1 ulp and narrows in separate passes into a new
+tensor; the kernel does it in place with ATen's fast polynomial exp, since the probabilities are rounded to bf16
+right after. A bf16 SD v1 UNet step with the blocked attention (forced on a 2-core AMX machine): 3.99 -> 3.75 s
+at one thread, 2.41 -> 2.36 s at two (`benchmarks/openvino_side_by_side.py`, configs `eager-blocked` and
+`eager-blocked-torch-softmax`). Where the CPU has AMX, torch's flash kernel takes the attention by default and
+this kernel is neither built nor used (`latentgen/nn/blocked_attention.py`).
 
 The kernel is compiled on first use with torch's C++ extension builder (a C++ compiler is needed; about 20 s,
 once per machine and torch version, cached where torch keeps its extensions), and used only where the CPU has
@@ -61,13 +61,20 @@ def _build() -> Callable[[torch.Tensor], torch.Tensor] | None:
     finally:
         quiet.setLevel(level)
 
-    # -fopenmp: at::parallel_for is OpenMP in the header; linked, it resolves to the libgomp.so.1 torch loaded.
-    flags = ["-O3", "-march=native", "-fopenmp", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
-    name = f"latentgen_softmax_bf16_{capability.lower()}"
+    # The instruction sets by name rather than -march=native, so that a build cached in a shared home directory
+    # also runs on another machine of the same capability. -fopenmp: at::parallel_for is OpenMP in the header;
+    # linked, it resolves to the libgomp.so.1 torch already loaded.
+    isa = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+           "AVX2": ["-mavx2", "-mfma", "-mf16c"]}[capability]
+    variant = capability.lower()
+    if capability == "AVX512" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        isa, variant = isa + ["-mavx512bf16"], variant + "_bf16"  # one instruction rounds 32 floats to bf16
+    flags = ["-O3", "-fopenmp", *isa, f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+    name = f"latentgen_softmax_bf16_{variant}"
     try:
         log.info("compiling latentgen's bf16 softmax kernel (once per machine, about 20 s; %s=0 skips it)", SWITCH)
         return load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False).softmax_bf16_
-    except Exception as error:  # no compiler, no headers, a failed build: the fallback is exact, only slower
+    except Exception as error:  # no compiler, no headers, a failed build: torch's softmax is only slower
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         log.warning("could not compile latentgen's bf16 softmax kernel (%s); torch's softmax instead. A C++ "
                     "compiler (g++) makes the blocked bf16 attention faster; %s=0 silences this", first, SWITCH)
