@@ -17,8 +17,8 @@ gives 3.8e-3; both round the probabilities and the output to bf16.
 
 Where the CPU has AMX tiles (Intel Xeon since Sapphire Rapids), torch's flash kernel runs bf16 on them
 and wins instead: on a 2-core AMX machine the same 4096-token layer took 183 ms there against 261 ms blocked at
-one thread (90 against 163 ms at two), and a bf16 SD v1 UNet step 3.30 s against 3.68 s (1.89 against 2.28 s at
-two threads). So by default the blocked path runs only where AMX is missing (`blocked_attention(True)` forces it,
+one thread (90 against 163 ms at two), and a bf16 SD v1 UNet step 3.30 s against 3.67 s (1.90 against 2.32 s at
+two threads; medians of three in one process). So by default the blocked path runs only where AMX is missing (`blocked_attention(True)` forces it,
 `False` rules it out).
 
 Everything else (float32, other devices, masks, short key sequences such as a 77-token text context,
@@ -27,13 +27,11 @@ inputs that need gradients) goes to `scaled_dot_product_attention`.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 
 from latentgen.nn.native_softmax import softmax_
+from latentgen.nn.switch import Switch
 
 # Below this many keys a block is small enough that the flash kernel's single call wins (at 77 keys,
 # SD's text context, it took 8.8 ms against 17.6 ms blocked).
@@ -43,7 +41,8 @@ BLOCK_SCORES = 2**20
 # Values are padded with zero columns to a multiple of this width (see `_blocked`).
 VALUE_WIDTH_MULTIPLE = 16
 
-_enabled: bool | None = None  # None: wherever torch's flash kernel has no AMX (see the module's docstring)
+# None: wherever torch's flash kernel has no AMX (see the module's docstring); True / False: forced on / off.
+ENABLED: Switch[bool | None] = Switch(None)
 
 
 def _cpu_has_amx() -> bool:
@@ -59,21 +58,15 @@ def _cpu_has_amx() -> bool:
 FLASH_KERNEL_HAS_AMX = _cpu_has_amx()
 
 
-@contextmanager
-def blocked_attention(enabled: bool | None) -> Iterator[None]:
+def blocked_attention(enabled: bool | None):
     """Force the blocked bf16 path on (True) or off (False) inside a `with` block, to measure it or rule it out;
     None restores the default (on where the CPU has no AMX)."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous
+    return ENABLED.set(enabled)
 
 
 def uses_blocked_path(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None) -> bool:
     """Whether `dot_product_attention` takes the blocked path for these inputs."""
-    enabled = not FLASH_KERNEL_HAS_AMX if _enabled is None else _enabled
+    enabled = not FLASH_KERNEL_HAS_AMX if ENABLED.value is None else ENABLED.value
     return (
         enabled
         and q.device.type == "cpu"

@@ -1,7 +1,7 @@
 """A compiled bf16 row softmax for the blocked attention on x86 CPUs (latentgen/csrc/softmax_bf16.cpp).
 
-The blocked attention's softmax runs over about 1.4 billion scores per bf16 SD v1 UNet step at 512x512, a tenth
-of the step. torch's bf16 softmax widens, exponentiates to 1 ulp and narrows in separate passes into a new
+The blocked attention's softmax runs over about 1.4 billion scores per bf16 SD v1 UNet step at 512x512, about
+a tenth of the step (benchmarks/README.md). torch's bf16 softmax widens, exponentiates to 1 ulp and narrows in separate passes into a new
 tensor; the kernel does it in place with ATen's fast polynomial exp, since the probabilities are rounded to bf16
 right after. A bf16 SD v1 UNet step with the blocked attention (forced on a 2-core AMX machine): 3.99 -> 3.75 s
 at one thread, 2.41 -> 2.36 s at two (`benchmarks/openvino_side_by_side.py`, configs `eager-blocked` and
@@ -16,13 +16,15 @@ AVX2 or AVX-512. Without a compiler, or with `LATENTGEN_NATIVE_KERNELS=0`, or in
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
+
+from latentgen.nn.switch import Switch
 
 log = logging.getLogger("latentgen.native")
 
@@ -30,22 +32,15 @@ SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "softmax_bf16.cpp"
 SWITCH = "LATENTGEN_NATIVE_KERNELS"  # "0" turns the compiled kernels off
 _CAPABILITIES = ("AVX512", "AVX2")  # ATen's vector widths the kernel is written for
 
-_enabled = True
-_kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
-_loaded = False  # whether loading was tried in this process (successfully or not)
+ENABLED: Switch[bool] = Switch(True)
 
 
-@contextmanager
-def native_softmax(enabled: bool) -> Iterator[None]:
+def native_softmax(enabled: bool):
     """Turn the compiled softmax on or off inside a `with` block (to measure it or rule it out)."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous
+    return ENABLED.set(enabled)
 
 
+@functools.cache  # tried once per process, built or not
 def _build() -> Callable[[torch.Tensor], torch.Tensor] | None:
     if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
         log.info("%s=%s: torch's softmax in the blocked attention", SWITCH, os.environ[SWITCH])
@@ -84,13 +79,7 @@ def _build() -> Callable[[torch.Tensor], torch.Tensor] | None:
 def kernel() -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The compiled in-place softmax (contiguous bf16 CPU tensor -> the same tensor), or None where it is
     switched off or cannot be built here. Built on the first call of a process."""
-    global _kernel, _loaded
-    if not _enabled:
-        return None
-    if not _loaded:
-        _loaded = True
-        _kernel = _build()
-    return _kernel
+    return _build() if ENABLED.value else None
 
 
 def softmax_(scores: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ def test_a_unet_with_positions_starts_as_one_without():
     torch.manual_seed(0)
     plain, placed = UNet(**SMALL), UNet(**SMALL, attention_positions=True)
     for p in plain.parameters():  # make the zero-initialised outputs non-zero, so the transformers do something
-        torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.05)
     result = placed.load_state_dict(plain.state_dict(), strict=False)
     assert result.unexpected_keys == []
     assert result.missing_keys and all(".positions.proj." in key for key in result.missing_keys)

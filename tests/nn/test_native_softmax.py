@@ -20,18 +20,18 @@ CAN_BUILD = shutil.which("c++") is not None and torch.backends.cpu.get_cpu_capab
 @pytest.fixture
 def fresh(monkeypatch):
     """The module as a new process finds it: nothing loaded yet (the compiled kernel stays cached on disk)."""
-    monkeypatch.setattr(native, "_loaded", False)
-    monkeypatch.setattr(native, "_kernel", None)
-    monkeypatch.setattr(native, "_enabled", True)
+    monkeypatch.setattr(native.ENABLED, "value", True)
     monkeypatch.delenv(native.SWITCH, raising=False)
-    return native
+    native._build.cache_clear()
+    yield native
+    native._build.cache_clear()
 
 
 @pytest.fixture(scope="module")
 def compiled():
     if not CAN_BUILD:
         pytest.skip("no C++ compiler or no AVX2 on this machine: the kernel cannot be built here")
-    kernel = native._build()
+    kernel = native._build.__wrapped__()
     assert kernel is not None, "a C++ compiler and AVX2 are here, so the kernel must build"
     return kernel
 
