@@ -12,12 +12,16 @@ bf16 inference (INFERENCE_PRECISION_HINT), one stream, latency hint, the thread 
 inputs, each measurement in its own process (in one process, OpenMP's spinning workers and OpenVINO's slow each
 other down: at two threads OpenVINO measured 7.1 s per step beside latentgen's threads and 4.4 s beside compiled
 code), alternating runtimes for --rounds rounds; a figure is the median over rounds of each process's median of
---repeats calls after one warm-up. `--busy` keeps the other cores busy with a
+--repeats calls after --warmup untimed ones (3: a latentgen step measured 2.05, 1.98, then 1.61-1.70 s at two
+threads, settling after its first calls, as a sampling run's 20 steps do). `--busy` keeps the other cores busy with a
 Python loop each (what the issue measured: one thread each, the other core busy).
 
-latentgen's configurations: `eager` (load_pipeline's default fast path), `compiled` (`compile=True`),
-`eager-blocked` (the blocked bf16 attention forced on, as on a CPU without AMX) and `eager-blocked-torch-softmax`
-(the same with torch's softmax instead of the compiled kernel).
+latentgen's configurations: `eager` (load_pipeline's default fast path), `eager-torch-ops` (the same with torch's
+operators instead of latentgen's compiled kernels: fused GEGLU, GroupNorm+SiLU), `eager-malloc-as-is`
+(`reuse_memory=False`: glibc returns freed blocks to the kernel as it does by default), `eager-unpacked`
+(`pack_weights=False`: oneDNN reorders each convolution weight on every call), `compiled` (`compile=True`),
+`eager-blocked` (the blocked bf16 attention forced on, as on a CPU without AMX) and `eager-blocked-torch-ops` (the
+same without the compiled kernels: torch's softmax too).
 """
 
 from __future__ import annotations
@@ -36,9 +40,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from sd_cpu import CHECKPOINT_VERSION, ensure_checkpoint, timed  # noqa: E402
 
-# latentgen's configurations: (compile, blocked attention: None = the default, compiled softmax kernel)
-CONFIGS = {"eager": (False, None, True), "compiled": (True, None, True),
-           "eager-blocked": (False, True, True), "eager-blocked-torch-softmax": (False, True, False)}
+# latentgen's configurations: load_pipeline's speed-ups, and what runs per call (blocked attention: None = the
+# default; latentgen's compiled kernels on or off)
+DEFAULT = {"compile": False, "reuse_memory": True, "pack_weights": True, "blocked": None, "native": True}
+CONFIGS = {"eager": DEFAULT, "eager-torch-ops": {**DEFAULT, "native": False},
+           "eager-malloc-as-is": {**DEFAULT, "reuse_memory": False},
+           "eager-unpacked": {**DEFAULT, "pack_weights": False}, "compiled": {**DEFAULT, "compile": True},
+           "eager-blocked": {**DEFAULT, "blocked": True}, "eager-blocked-torch-ops": {**DEFAULT, "blocked": True,
+                                                                                     "native": False}}
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,26 +101,30 @@ def openvino_model(checkpoint: Path, inputs: tuple[torch.Tensor, ...], threads: 
 def latentgen_model(checkpoint: Path, inputs: tuple[torch.Tensor, ...], config: str):
     from latentgen.interop.stable_diffusion import load_pipeline
     from latentgen.nn.blocked_attention import blocked_attention
-    from latentgen.nn.native_softmax import native_softmax
+    from latentgen.nn.native_kernels import native_kernels
 
-    compiled, blocked, native = CONFIGS[config]
-    pipe = load_pipeline(checkpoint, dtype=torch.bfloat16, compile=compiled)
+    options = dict(CONFIGS[config])
+    blocked, native = options.pop("blocked"), options.pop("native")
+    pipe = load_pipeline(checkpoint, dtype=torch.bfloat16, **options)
     x, t, context = (t.to(torch.bfloat16) if t.is_floating_point() and t.dim() > 1 else t for t in inputs)
 
     def call():
-        with torch.inference_mode(), blocked_attention(blocked), native_softmax(native):
+        with torch.inference_mode(), blocked_attention(blocked), native_kernels(native):
             return pipe.denoiser(x, t, {"crossattn": context}).float()
 
     return call
 
 
-def measure(runtime: str, threads: int, repeats: int, checkpoint: Path, inputs: tuple[torch.Tensor, ...],
-            output: Path) -> float:
-    """Median seconds per step of one runtime in this process (warm-up first); its output saved to `output`."""
+def measure(runtime: str, threads: int, repeats: int, warmup: int, checkpoint: Path,
+            inputs: tuple[torch.Tensor, ...], output: Path) -> float:
+    """Median seconds per step of one runtime in this process (after `warmup` calls); its output saved to
+    `output`."""
     torch.set_num_threads(threads)
     call = openvino_model(checkpoint, inputs, threads) if runtime == "openvino" else \
         latentgen_model(checkpoint, inputs, runtime)
-    seconds, _, result = timed(call, repeats)  # after a warm-up: oneDNN primitives, OpenVINO's kernels, compilation
+    for _ in range(warmup - 1):  # timed() makes one more: oneDNN primitives, OpenVINO's kernels, compilation
+        call()
+    seconds, _, result = timed(call, repeats)
     torch.save(result, output)
     return seconds
 
@@ -120,6 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed calls first (a step reaches its steady speed after two or three)")
     parser.add_argument("--rounds", type=int, default=2, help="times each runtime runs, alternating")
     parser.add_argument("--configs", nargs="+", default=["eager"], choices=list(CONFIGS))
     parser.add_argument("--busy", action="store_true", help="keep every other core busy with a Python loop")
@@ -133,7 +148,7 @@ def main() -> None:
               torch.randn(2, 77, 768, generator=generator))
     if args.one:
         runtime, threads, output = args.one
-        print(measure(runtime, int(threads), args.repeats, args.file, inputs, Path(output)))
+        print(measure(runtime, int(threads), args.repeats, args.warmup, args.file, inputs, Path(output)))
         return
     try:
         import openvino
@@ -143,7 +158,8 @@ def main() -> None:
     ensure_checkpoint(args.spec, args.file)
     ensure_ir(args.file, inputs)  # converted once, before any timing
     print(f"torch {torch.__version__}, openvino {openvino.__version__}; SD v1 UNet, 512x512, CFG batch 2, bf16; "
-          f"{'other cores busy' if args.busy else 'quiet machine'}; median of {args.repeats} calls per process, "
+          f"{'other cores busy' if args.busy else 'quiet machine'}; median of {args.repeats} calls per process after "
+          f"{args.warmup} untimed, "
           f"{args.rounds} processes each, alternating\n")
     print("| threads | OpenVINO s / step | latentgen | latentgen s / step | latentgen ahead by | "
           "relative difference of the outputs |")
@@ -159,7 +175,7 @@ def main() -> None:
                     # One process per measurement: OpenVINO's and OpenMP's worker threads never share a process.
                     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
                     out = subprocess.run([sys.executable, __file__, "--file", str(args.file), "--repeats",
-                                          str(args.repeats), "--one", runtime, str(threads),
+                                          str(args.repeats), "--warmup", str(args.warmup), "--one", runtime, str(threads),
                                           str(work / f"{runtime}.pt")], capture_output=True, text=True, env=env)
                     if out.returncode:
                         sys.exit(f"{runtime} at {threads} threads failed:\n{out.stderr[-3000:]}")

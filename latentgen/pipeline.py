@@ -29,6 +29,7 @@ from latentgen.formats.dispatch import call_with_options, format_for
 from latentgen.imaging import to_pil
 from latentgen.kinds import kind, module_parts, pipeline_parts
 from latentgen.memory import check_fits, sampling_bytes
+from latentgen.nn.packed_convolution import forget_packed_weights
 from latentgen.pipeline_inputs import Request, conditioner_batch, image_batch, mask_batch
 from latentgen.pipeline_refiner import Refinement, check_start
 
@@ -171,6 +172,7 @@ class LatentDiffusionPipeline:
             raise
         adapter._attached_to = self
         self._adapters.append(adapter)
+        forget_packed_weights(self.denoiser)  # an adapter may change weights where no version counter sees it
         return adapter
 
     def detach(self, adapter: Adapter) -> None:
@@ -187,6 +189,7 @@ class LatentDiffusionPipeline:
         del self._adapters[index]
         for other in later:
             other.apply(self)
+        forget_packed_weights(self.denoiser)
 
     @property
     def input_keys(self) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ from torch import nn
 
 from latentgen.contracts import Adapter
 from latentgen.errors import AdapterError
+from latentgen.nn.packed_convolution import PackedConv2d
 
 _NAME = "adapter 'int8_weights'"
 
@@ -89,7 +90,8 @@ class Int8Conv2d(_Int8Weight, nn.Conv2d):
     """An nn.Conv2d whose weight is held in int8 (the class `int8_weights` gives a layer while attached)."""
 
 
-_QUANTISED = {nn.Linear: Int8Linear, nn.Conv2d: Int8Conv2d}
+# A PackedConv2d (the CPU fast path's) is quantised too; removing the adapter gives its class back.
+_QUANTISED = {nn.Linear: Int8Linear, nn.Conv2d: Int8Conv2d, PackedConv2d: Int8Conv2d}
 
 
 class Int8Weights(Adapter):

@@ -163,13 +163,15 @@ class LoRA(Adapter):
                 self._backups[id(weight)] = (weight, weight.detach().clone())
             multiplier = self.multiplier(target.part) if multipliers is None else multipliers[target.part]
             delta = multiplier * pair.delta().reshape(target.shape()).to(weight.device)
-            view = weight.data if target.rows is None else weight.data[target.rows]
+            # On the Parameter itself (not .data): its version counter moves, so caches of it (the CPU fast
+            # path's packed convolution weights) see the change.
+            view = weight if target.rows is None else weight[target.rows]
             view.copy_((view.float() + delta).to(weight.dtype))
 
     @torch.no_grad()
     def _restore(self) -> None:
         for weight, copy in self._backups.values():
-            weight.data.copy_(copy)
+            weight.copy_(copy)
         self._backups.clear()
 
     # ---- unmerged ------------------------------------------------------------------------------------

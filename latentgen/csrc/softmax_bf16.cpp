@@ -1,12 +1,11 @@
 // Row softmax of a bf16 tensor, in place, for the blocked attention on the CPU
-// (latentgen/nn/native_softmax.py says why and when it is used).
+// (latentgen/nn/native_kernels.py says why and when it is used).
 //
 // torch's bf16 softmax widens each row, exponentiates with an exp accurate to 1 ulp and narrows it
 // again in separate passes into a new tensor. The probabilities are rounded to bf16 (8 significant
 // bits) right after, so ATen's fast exp (`fexp_u20`: 2^x as 2^integer times a cubic, Malossi et al.
 // 2015) is accurate enough, and the three passes run over one row held as floats in cache.
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -15,6 +14,7 @@
 #include <limits>
 #include <vector>
 
+namespace latentgen {
 namespace {
 
 using at::BFloat16;
@@ -65,7 +65,9 @@ void softmax_row(BFloat16* row, float* buffer, int64_t length) {
   }
 }
 
-torch::Tensor softmax_bf16_(torch::Tensor scores) {
+}  // namespace
+
+at::Tensor softmax_bf16_(at::Tensor scores) {
   TORCH_CHECK(scores.device().is_cpu(), "softmax_bf16_: the scores must be on the CPU");
   TORCH_CHECK(scores.scalar_type() == at::kBFloat16, "softmax_bf16_: the scores must be bfloat16, got ",
               scores.scalar_type());
@@ -83,8 +85,4 @@ torch::Tensor softmax_bf16_(torch::Tensor scores) {
   return scores;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("softmax_bf16_", &softmax_bf16_, "In-place softmax over the last dimension of a contiguous bf16 CPU tensor");
-}
+}  // namespace latentgen

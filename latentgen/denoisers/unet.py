@@ -17,6 +17,7 @@ from torch import nn
 from latentgen.contracts import Denoiser
 from latentgen.denoisers.inputs import check_denoiser_inputs
 from latentgen.nn.attention import SpatialTransformer
+from latentgen.nn.native_kernels import group_norm_silu
 from latentgen.nn.normalization import GroupNorm32
 from latentgen.nn.timestep_embedding import timestep_embedding
 
@@ -58,9 +59,12 @@ class ResBlock(nn.Module):
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)  # (B, C_out, h, w)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        # in_layers and out_layers keep the original's layout (their state-dict keys) but run as
+        # norm-SiLU-conv with the norm and SiLU fused, the embedding added inside the second norm (one pass over
+        # the map where torch needs three; latentgen/nn/native_kernels.py).
+        h = self.in_layers[2](group_norm_silu(x, self.in_layers[0]))  # (B, C_out, h, w)
+        h = group_norm_silu(h, self.out_layers[0], shift=self.emb_layers(emb))
+        return self.skip_connection(x) + self.out_layers[3](self.out_layers[2](h))
 
 
 class Downsample(nn.Module):
@@ -311,7 +315,7 @@ class UNet(Denoiser):
             if cache is not None and deep is None and index == count - depth:
                 cache.store(h)
             h = run(self.output_blocks[index], torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h).to(x.dtype)
+        return self.out[2](group_norm_silu(h, self.out[0])).to(x.dtype)  # self.out: norm, SiLU, conv
 
     @staticmethod
     def _checkpointed(block: nn.Module, *args: torch.Tensor) -> torch.Tensor:

@@ -141,15 +141,18 @@ def _ema_key(unet_key: str) -> str:
 def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | Path | Mapping[str, Any] | None = None,
                   dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                   use_ema: bool | None = None, prediction_type: str | None = None, channels_last: bool = True,
-                  compile: bool = False) -> LatentDiffusionPipeline:
+                  compile: bool = False, reuse_memory: bool = True, pack_weights: bool = True) -> LatentDiffusionPipeline:
     """A pipeline from an original single-file checkpoint (.safetensors, or .ckpt memory-mapped).
 
     `original_config`: the inference YAML (path or dict); None infers v1 or v2 from the keys (v2 is
     taken as the 768-v model, v-prediction: pass `prediction_type="eps"` for the 512 base model).
     `dtype`: the weights' dtype in memory (default float32), cast tensor by tensor from the file.
     `use_ema`: load `model_ema.*` when present (default: yes, as the original inference does).
-    `channels_last`, `compile`: the speed-ups of `latentgen.fast_path.optimize_for_inference`
-    (channels-last weights by default; each measured by benchmarks/sd_cpu.py).
+    `channels_last`, `compile`, `reuse_memory`, `pack_weights`: the speed-ups of
+    `latentgen.fast_path.optimize_for_inference` (by default channels-last weights, convolution weights packed
+    for oneDNN, and on the CPU the process keeps its freed memory; `reuse_memory=False` leaves malloc as it is,
+    `pack_weights=False` saves the packed copies' memory; measured by benchmarks/sd_cpu.py and
+    benchmarks/openvino_side_by_side.py).
     `checkpoint` may also be an open `WeightsFile` (or anything with its `path`, `keys`, `shape`,
     `tensor` and `in`).
     """
@@ -202,11 +205,12 @@ def load_pipeline(checkpoint: str | Path | WeightsFile, original_config: str | P
             f"original_config"
         )
     source.passthrough = [key for key in weights.keys() if key not in used]
-    return assemble(modules, config, source, device, channels_last, compile)
+    return assemble(modules, config, source, device, channels_last, compile, reuse_memory, pack_weights)
 
 
 def assemble(modules: Mapping[str, torch.nn.Module], config: Mapping[str, Any], source: SourceFile,
-             device: str | torch.device | None, channels_last: bool, compile: bool) -> LatentDiffusionPipeline:
+             device: str | torch.device | None, channels_last: bool, compile: bool,
+             reuse_memory: bool = True, pack_weights: bool = True) -> LatentDiffusionPipeline:
     """The pipeline of loaded modules, remembering the file they came from (for export), on `device`, with
     the fast path's speed-ups."""
     process = build_component("process", config["process"]) if config.get("process") else None
@@ -215,7 +219,8 @@ def assemble(modules: Mapping[str, torch.nn.Module], config: Mapping[str, Any], 
     pipe.source = source
     if device is not None:
         pipe.to(device)
-    return optimize_for_inference(pipe.eval(), channels_last=channels_last, compile=compile)
+    return optimize_for_inference(pipe.eval(), channels_last=channels_last, compile=compile, reuse_memory=reuse_memory,
+                                  pack_weights=pack_weights)
 
 
 def locate_weights(module: torch.nn.Module, kind: str, file_key: Any, weights: Any) -> tuple[dict[str, str], str]:

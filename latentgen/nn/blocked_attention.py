@@ -9,7 +9,7 @@ of 162 ms for the VAE's single 512-wide head at 4096 tokens (`benchmarks/attenti
 bf16 SD v1 UNet step was 1.26-1.39x faster in four runs, e.g. 3.50 s -> 2.51 s (`benchmarks/sd_cpu.py`,
 config `bf16-sdpa-attention` for the old path).
 
-The softmax runs in place through a compiled kernel where one can be built (`latentgen.nn.native_softmax`).
+The softmax runs in place through a compiled kernel where one can be built (`latentgen.nn.native_kernels`).
 
 The price is precision: the scores are rounded to bf16 before the softmax (which itself accumulates
 in float32). On random inputs the relative error against float64 is 5.7e-3 where the flash kernel
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from latentgen.nn.native_softmax import softmax_
+from latentgen.nn.native_kernels import softmax_
 from latentgen.nn.switch import Switch
 
 # Below this many keys a block is small enough that the flash kernel's single call wins (at 77 keys,

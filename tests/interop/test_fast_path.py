@@ -4,9 +4,11 @@ GroupNorm keeps float32 statistics, channels-last gives the contiguous results."
 import pytest
 import safetensors.torch
 import torch
+from torch import nn
 
 from latentgen.errors import CheckpointError
 from latentgen.fast_path import optimize_for_inference
+from latentgen.freed_memory import reuse_freed_memory
 from latentgen.interop.stable_diffusion import load_pipeline
 from latentgen.interop.weights_file import WeightsFile
 from latentgen.nn.normalization import GroupNorm32
@@ -111,7 +113,9 @@ def test_channels_last_gives_the_contiguous_results(golden_files):
 def test_load_pipeline_uses_channels_last_by_default(golden_files, dtype):
     weights, config = golden_files
     pipe = load_pipeline(weights, original_config=config, dtype=dtype)
-    assert pipe.fast_path == {"channels_last": True, "compile": False}
+    # On the CPU load_pipeline also keeps freed memory in the process (where glibc takes the setting).
+    assert pipe.fast_path == {"channels_last": True, "compile": False, "reuse_memory": reuse_freed_memory(),
+                              "pack_weights": True}
     assert _layout(pipe.codec) == _layout(pipe.denoiser) == "channels_last"
 
 
@@ -119,7 +123,8 @@ def test_optimize_for_inference_switches_channels_last_back_off(golden_files):
     weights, config = golden_files
     pipe = optimize_for_inference(load_pipeline(weights, original_config=config), channels_last=False)
     assert all(p.is_contiguous() for p in [*pipe.denoiser.parameters(), *pipe.codec.parameters()])
-    assert pipe.fast_path == {"channels_last": False, "compile": False}
+    assert pipe.fast_path == {"channels_last": False, "compile": False, "reuse_memory": reuse_freed_memory(),
+                              "pack_weights": True}
 
 
 def test_compile_option_compiles_the_denoiser_to_the_same_results(golden_files):
@@ -188,3 +193,35 @@ def _compile_matches_eager(golden_files, uses_blocked_path):
     # each is held to bf16 accuracy against float32.
     assert rel_err(out_eager, expected) < 3e-2
     assert rel_err(out_compiled, expected) < 3e-2
+
+
+def test_load_pipeline_packs_and_an_adapter_sees_fresh_weights(golden_files):
+    """The SD fast path packs the UNet's convolutions; a LoRA merged into them (through the version counter)
+    and an int8 adapter (which swaps the class) give the results of the unpacked pipeline."""
+    from latentgen.adapters.int8_weights import Int8Weights
+    from latentgen.nn.packed_convolution import PackedConv2d, pack_convolutions, unpack_convolutions
+
+    weights, config = golden_files
+    pipe = load_pipeline(weights, original_config=config, dtype=torch.bfloat16)
+    assert pipe.fast_path["pack_weights"] is True
+    convs = [m for m in pipe.denoiser.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m) is PackedConv2d for m in convs)
+    x = torch.randn(2, 4, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last)
+    t, context = torch.tensor([10, 500]), torch.randn(2, 77, pipe.denoiser.context_dim).bfloat16()
+
+    def step():
+        with torch.inference_mode():
+            return pipe.denoiser(x, t, {"crossattn": context})
+
+    step()
+    with torch.no_grad():  # as a LoRA merge does: in place on the Parameter
+        convs[3].weight.add_(0.5)
+    packed_after_change = step()
+    unpack_convolutions(pipe.denoiser)
+    assert torch.equal(step(), packed_after_change)
+    pack_convolutions(pipe.denoiser)
+    adapter = pipe.attach(Int8Weights())
+    assert all(type(m) is not PackedConv2d for m in pipe.denoiser.modules())  # int8 takes the packed layers
+    pipe.detach(adapter)
+    assert all(type(m) is PackedConv2d for m in convs)  # and gives their class back
+    torch.testing.assert_close(step(), packed_after_change, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""The process-wide switches behind blocked_attention() and native_softmax() restore what was set before."""
+"""The process-wide switches behind blocked_attention() and native_kernels() restore what was set before."""
 
 import pytest
 

@@ -74,7 +74,8 @@ def test_wheel_ships_the_configs(wheel):
     names = set(wheel.namelist())
     assert "latentgen/conf/train.yaml" in names
     assert "latentgen/text/bpe_simple_vocab_16e6.txt.gz" in names  # the CLIP tokenizer needs no download
-    assert "latentgen/csrc/softmax_bf16.cpp" in names  # compiled on first use (latentgen/nn/native_softmax.py)
+    from latentgen.nn.native_kernels import SOURCES  # compiled on first use from the installed sources
+    assert all(f"latentgen/csrc/{source}" in names for source in SOURCES), SOURCES
     assert "latentgen/conf/sample.yaml" in names
     for group in GROUP_DIRS:
         assert any(n.startswith(f"latentgen/conf/{group}/") and n.endswith(".yaml") for n in names), group
