@@ -10,11 +10,12 @@ checkpoint; `benchmarks/sd_cpu.py` measures each lever on its own. What it does:
   four runs; the fp32 UNet step moved by -4 % to +9 %, within that machine's noise;
 - `reuse_memory=True` (load_pipeline's default on the CPU): glibc keeps freed memory in the process instead
   of returning each large block to the kernel, so a step's activations land in pages already mapped
-  (about 150,000 page faults per bf16 SD v1 step at 512x512 otherwise; 1.97 -> 1.76 s per step at two threads
+  (about 150,000 page faults per bf16 SD v1 step at 512x512 otherwise; 2.37 -> 2.12 s per step at two threads
   on the project's 2-core CPU; `latentgen.freed_memory`);
 - `pack_weights=True` (load_pipeline's default): the denoiser's convolutions keep their weights reordered
   for oneDNN (`latentgen.nn.packed_convolution`): bf16 CPU inference at latents of at most 32x32 no longer
-  reorders each weight on every call (2.12 -> 2.00 s per SD v1 step at two threads), for about 0.36 GiB more;
+  reorders each weight on every call (2.12 -> 2.00 s per SD v1 step at two threads), for a second copy of
+  those weights (SD v1 bf16: 1.06 GiB; 3.00 -> 3.99 GiB resident);
 - `compile=True`: `torch.compile` of the denoiser. Off by default: the first call of each input shape
   compiles (7.3 s for the first SD step against 3.8 s, with inductor's on-disk cache warm; a cold
   cache takes longer) for a 5-10 % faster step afterwards with torch's flash attention, 3 % (within

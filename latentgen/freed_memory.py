@@ -3,9 +3,10 @@
 glibc's malloc serves each block of 32 MiB or more (SD v1's GEGLU activations are 42 MiB at 512x512) with a
 fresh mmap and returns it to the kernel on free, so the next step faults every page in again: about 150,000
 page faults per bf16 SD v1 UNet step at 512x512 (600 MiB of zeroed pages), measured with getrusage. On a
-virtual machine a fault is expensive and its cost varies with the host; on the project's 2-core CPU one step took
-1.76 s with the memory kept against 1.97 s without (one process each, same run; and 2.7 s in a run where the
-faults were slower). OpenVINO plans its memory once per model and never meets this.
+virtual machine a fault is expensive and its cost varies with the host: on the project's 2-core CPU, in one run of
+benchmarks/openvino_side_by_side.py (config `eager-malloc-as-is` against `eager`), a step took 3.96 -> 3.79 s at
+one thread and 2.37 -> 2.12 s at two with the memory kept. OpenVINO plans its memory once per model and never
+meets this.
 
 `reuse_freed_memory()` tells glibc to take every block from its heap (M_MMAP_MAX = 0) and not to give the heap's
 top back below 2 GiB (M_TRIM_THRESHOLD): the process keeps the high-water mark of its memory, which an inference

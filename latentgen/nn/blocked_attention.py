@@ -18,8 +18,8 @@ gives 3.8e-3; both round the probabilities and the output to bf16.
 Where the CPU has AMX tiles (Intel Xeon since Sapphire Rapids), torch's flash kernel runs bf16 on them
 and wins instead: on a 2-core AMX machine the same 4096-token layer took 183 ms there against 261 ms blocked at
 one thread (90 against 163 ms at two), and a bf16 SD v1 UNet step 3.30 s against 3.67 s (1.90 against 2.32 s at
-two threads; medians of three in one process). So by default the blocked path runs only where AMX is missing (`blocked_attention(True)` forces it,
-`False` rules it out).
+two threads; medians of three in one process). So by default the blocked path runs only where AMX is missing
+(`blocked_attention(True)` forces it, `False` rules it out).
 
 Everything else (float32, other devices, masks, short key sequences such as a 77-token text context,
 inputs that need gradients) goes to `scaled_dot_product_attention`.
