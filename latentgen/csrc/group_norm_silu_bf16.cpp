@@ -29,7 +29,7 @@ constexpr int64_t kRowsPerBlock = 64;  // rows summed in float before the block'
 inline FloatVec silu(const FloatVec& x) { return x / (FloatVec(1.f) + x.neg().exp_u20()); }
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 
-// Per-(sample, channel) float sums of (x + shift - pivot) and its square over the spatial positions, in doubles.
+// Per-(sample, channel) sums of (x + shift - pivot) = (x - the first value) and its square over the spatial positions, in doubles.
 struct ChannelSums {
   std::vector<double> sum, sum_sq;
   explicit ChannelSums(int64_t n) : sum(n, 0.0), sum_sq(n, 0.0) {}
@@ -154,15 +154,13 @@ at::Tensor group_norm_silu_bf16(const at::Tensor& x, int64_t groups, const at::T
   const int64_t per_group = channels / groups;
   const double count = static_cast<double>(per_group * length);
 
-  // offset[n, c] = shift - pivot, added to x before summing; scale/bias: silu(x * scale + bias) is the result.
+  // The sums are of x minus each channel's first value (offset = -first): the pivot of x + shift is first + shift,
+  // so the shift itself drops out of them. scale, fused_bias: silu(x * scale + fused_bias) is the result.
   std::vector<float> offset(batch * channels), scale(batch * channels), fused_bias(batch * channels);
-  std::vector<float> pivot(batch * channels);
   for (int64_t n = 0; n < batch; ++n) {
     for (int64_t c = 0; c < channels; ++c) {
-      const float first = static_cast<float>(channels_last ? in[n * length * channels + c] : in[(n * channels + c) * length]);
-      const float sh = s ? s[n * channels + c] : 0.f;
-      pivot[n * channels + c] = first + sh;
-      offset[n * channels + c] = sh - pivot[n * channels + c];
+      offset[n * channels + c] =
+          -static_cast<float>(channels_last ? in[n * length * channels + c] : in[(n * channels + c) * length]);
     }
   }
   ChannelSums sums(batch * channels);
@@ -206,7 +204,7 @@ at::Tensor group_norm_silu_bf16(const at::Tensor& x, int64_t groups, const at::T
       double total = 0.0, total_sq = 0.0;
       for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
         const int64_t i = n * channels + c;
-        const double p = pivot[i], s1 = sums.sum[i], s2 = sums.sum_sq[i];
+        const double p = (s ? s[i] : 0.0) - offset[i], s1 = sums.sum[i], s2 = sums.sum_sq[i];  // the pivot
         total += s1 + p * length;                                 // sum of (x + shift)
         total_sq += s2 + 2.0 * p * s1 + p * p * length;           // sum of (x + shift)^2
       }
