@@ -6,7 +6,8 @@ every other 1-D weight stay as they are.
 
 The point is memory, not speed: dequantising costs little next to the matmul, and the weights take 1 byte each
 instead of 2 (bf16) or 4 (fp32), at an error of at most half a scale step per weight. The float originals leave
-memory too: they go to a temporary file (deleted on detach) unless `keep_originals_in_memory=True`. Detaching
+memory too: they go to a temporary file (deleted on detach, or when the adapter is collected or the process exits
+while still attached) unless `keep_originals_in_memory=True`. Detaching
 loads them back into the same Parameter objects (values, dtype, strides and requires_grad as before), so the
 denoiser computes exactly what it did.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,13 @@ from latentgen.errors import AdapterError
 from latentgen.nn.packed_convolution import PackedConv2d
 
 _NAME = "adapter 'int8_weights'"
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +133,7 @@ class Int8Weights(Adapter):
         self._layers: list[tuple[nn.Module, type, nn.Parameter]] = []
         self._emptied: dict[str, nn.Parameter] = {}
         self._file: str | None = None
+        self._file_cleanup: weakref.finalize | None = None
 
     # ---- which layers ------------------------------------------------------------------------------
 
@@ -175,6 +185,8 @@ class Int8Weights(Adapter):
         if not self.keep_originals_in_memory:
             handle, self._file = tempfile.mkstemp(prefix="latentgen-int8-weights-", suffix=".pt")
             os.close(handle)
+            # A process that ends (or drops the adapter) without detaching must not leave the file behind.
+            self._file_cleanup = weakref.finalize(self, _remove_file, self._file)
             torch.save({key: weight.detach() for key, weight, _, _ in params.values()}, self._file)
         for name, module in plan:
             weight = module._parameters["weight"]
@@ -207,12 +219,9 @@ class Int8Weights(Adapter):
                 module._buffers.pop(attribute, None)
             vars(module).pop("weight_dtype", None)
             module._parameters["weight"] = weight
-        if self._file is not None:
-            try:
-                os.remove(self._file)
-            except FileNotFoundError:
-                pass
-        self._layers, self._emptied, self._file = [], {}, None
+        if self._file_cleanup is not None:
+            self._file_cleanup()  # removes the file, once
+        self._layers, self._file_cleanup, self._emptied, self._file = [], None, {}, None
         _return_freed_memory()  # the int8 buffers, or the file's pages read back
 
     @property

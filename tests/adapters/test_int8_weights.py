@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -229,3 +231,18 @@ def test_bad_options_and_denoisers_without_layers_to_quantise_are_refused(pipe):
         pipe.attach(registry.build("adapter", "int8_weights"))
     pipe.detach(first)
     assert registry.build("adapter", "int8_weights", modules="out").modules == ["out"]
+
+
+def test_a_process_that_exits_while_attached_leaves_no_temporary_file(tmp_path):
+    # Benchmarks and scripts often end with the adapter still attached: the originals' file goes with them.
+    script = ("import torch, tempfile\n"
+              "from latentgen import LatentDiffusionPipeline, registry\n"
+              "from latentgen.config import compose\n"
+              "pipe = LatentDiffusionPipeline.from_config(compose('train', ['experiment=smoke']))\n"
+              "adapter = pipe.attach(registry.build('adapter', 'int8_weights'))\n"
+              "import os; assert os.path.exists(adapter.originals_file); print(adapter.originals_file)\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(str(tmp_path))  # the file was made where this test looks
+    assert os.listdir(tmp_path) == []
