@@ -123,6 +123,10 @@ class UNet(Denoiser):
     `dropout` applies inside the ResBlocks only, as in the original. `attention_positions` (not in the original)
     tells every spatial transformer where its tokens lie (`latentgen.nn.grid_positions`), which prompts that place
     objects ("a red circle left of a blue star") need; it adds `positions.proj` to each transformer's keys.
+    `patch_size` p (not in the original) folds each p x p block of latent pixels into channels before the first
+    convolution and unfolds the output the same way (pixel unshuffle / shuffle), so that the network works at 1/p
+    of the latent resolution, as Hoogeboom et al. 2023 ("simple diffusion", Sec. 3.3) do in pixel space: a codec
+    with a small factor keeps small objects, and the UNet costs what it would on a codec with a p times larger one.
 
     Not supported (unused by Stable Diffusion v1/v2): `use_scale_shift_norm`, `resblock_updown`,
     `conv_resample=False`, `num_heads_upsample`, `disable_self_attentions`, integer `num_classes`,
@@ -149,6 +153,7 @@ class UNet(Denoiser):
         num_attention_blocks: Sequence[int] | None = None,
         legacy: bool = False,
         attention_positions: bool = False,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
         context_dim = _one_context_dim(context_dim)
@@ -158,6 +163,8 @@ class UNet(Denoiser):
                        num_head_channels=num_head_channels, concat_channels=concat_channels)
         if not isinstance(attention_positions, bool):
             raise ValueError(f"unet: attention_positions must be true or false; got {attention_positions!r}")
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"unet: patch_size must be a positive integer (1: no patches); got {patch_size!r}")
         levels = len(channel_mult)
         res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks", minimum=1)
         depths = _per_level(transformer_depth, levels, "transformer_depth")
@@ -169,7 +176,8 @@ class UNet(Denoiser):
         self.context_dim = context_dim
         self.vector_dim = vector_dim
         self.concat_channels = concat_channels
-        self.latent_size_multiple = 2 ** (levels - 1)
+        self.patch_size = patch_size
+        self.latent_size_multiple = patch_size * 2 ** (levels - 1)
         self.model_channels = model_channels
 
         def head_layout(channels: int) -> tuple[int, int]:
@@ -216,7 +224,7 @@ class UNet(Denoiser):
             )
 
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+            [TimestepEmbedSequential(nn.Conv2d(in_channels * patch_size**2, model_channels, 3, padding=1))]
         )
         skip_channels = [model_channels]
         channels = model_channels
@@ -259,7 +267,7 @@ class UNet(Denoiser):
         self.out = nn.Sequential(
             GroupNorm32(norm_groups, channels),
             nn.SiLU(),
-            nn.Conv2d(model_channels, out_channels, 3, padding=1),
+            nn.Conv2d(model_channels, out_channels * patch_size**2, 3, padding=1),
         )
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
@@ -281,7 +289,8 @@ class UNet(Denoiser):
         """x (B, C, h, w), t () or (B,), cond {"crossattn": (B, L, D), "vector": (B, V), "concat":
         (B, C', h, w)} as built -> (B, out_channels, h, w) in x's dtype."""
         cond = {} if cond is None else cond
-        t = check_denoiser_inputs(self, x, t, cond, f"the UNet downsamples {self.latent_size_multiple}x")
+        t = check_denoiser_inputs(self, x, t, cond, f"the UNet downsamples {self.latent_size_multiple}x" + (
+            f", {self.patch_size}x of it by folding patches" if self.patch_size > 1 else ""))
         dtype = self.time_embed[0].weight.dtype  # compute in the parameters' dtype
 
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))  # (B, E)
@@ -292,6 +301,8 @@ class UNet(Denoiser):
         h = x.to(dtype)
         if self.concat_channels:
             h = torch.cat([h, cond["concat"].to(dtype)], dim=1)  # (B, in_channels, h, w)
+        if self.patch_size > 1:
+            h = F.pixel_unshuffle(h, self.patch_size)  # (B, in_channels * p^2, h / p, w / p)
         residuals = [found for source in self.residual_sources if (found := source(x, t, cond)) is not None]
         run = self._checkpointed if self.gradient_checkpointing and self.training and torch.is_grad_enabled() \
             else (lambda block, *args: block(*args))
@@ -315,7 +326,10 @@ class UNet(Denoiser):
             if cache is not None and deep is None and index == count - depth:
                 cache.store(h)
             h = run(self.output_blocks[index], torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out[2](group_norm_silu(h, self.out[0])).to(x.dtype)  # self.out: norm, SiLU, conv
+        out = self.out[2](group_norm_silu(h, self.out[0]))  # self.out: norm, SiLU, conv
+        if self.patch_size > 1:
+            out = F.pixel_shuffle(out, self.patch_size)  # (B, out_channels, h, w)
+        return out.to(x.dtype)
 
     @staticmethod
     def _checkpointed(block: nn.Module, *args: torch.Tensor) -> torch.Tensor:

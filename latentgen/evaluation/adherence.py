@@ -27,6 +27,7 @@ from latentgen.datasets.shapes import (
     SHAPES,
     SIZES,
     caption,
+    check_relations,
     is_held_out,
     parse_prompt,
     parse_scene,
@@ -143,20 +144,23 @@ def _seen_object(rng: np.random.Generator, other: tuple[int, int, int] | None = 
             return shape, colour, size
 
 
-def two_object_requests(num_samples: int = 120, seed: int = TWO_OBJECT_SEED) -> list[dict[str, Any]]:
+def two_object_requests(num_samples: int = 120, seed: int = TWO_OBJECT_SEED,
+                        relations: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """A fixed list of two-object requests {prompt, objects, relation, held_out_objects, label, shape, colour,
-    size}: request k has relation RELATIONS[k % 5] and two objects of different shapes and colours (as the
-    dataset draws them), drawn from a stream of (seed, k) alone, so a shorter list is a prefix of a longer
-    one. Every 4th request (k % 4 == 3) names one HELD_OUT combination, HELD_OUT[(k // 4) % 12], first-named
+    size}: request k has relation relations[k % len(relations)] (`relations`: names from RELATIONS, taken in
+    RELATIONS order; None: all five, as a dataset draws them by default) and two objects of different shapes and
+    colours (as the dataset draws them), drawn from a stream of (seed, k) alone, so a shorter list is a prefix of
+    a longer one. Every 4th request (k % 4 == 3) names one HELD_OUT combination, HELD_OUT[(k // 4) % 12], first-named
     when (k // 4) is even and second-named when odd; the others name combinations a held-out train split
     shows. "objects" are (shape, colour, size) in caption order; "label", "shape", "colour" and "size" are
     the first-named object's, as in the dataset's items."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1; got {num_samples}")
+    relations = check_relations(relations, "two_object_requests")
     requests = []
     for k in range(num_samples):
         rng = np.random.default_rng([_TWO_OBJECT_SALT, seed, k])
-        relation = RELATIONS[k % len(RELATIONS)]
+        relation = relations[k % len(relations)]
         if k % HELD_OUT_EVERY == HELD_OUT_EVERY - 1:
             shape, colour, size = HELD_OUT[(k // HELD_OUT_EVERY) % len(HELD_OUT)]
             held = (SHAPES.index(shape), list(COLOURS).index(colour), SIZES.index(size))

@@ -71,7 +71,8 @@ GRID_IMAGES = 72
 class CompositionCounts:
     """How many samples `composition` asks for: single objects of the combinations a held-out train split
     shows (every one once per 96) and of the HELD_OUT ones (each once per 12), and two-object prompts
-    (`two_object_requests`: every relation once per 5, a HELD_OUT object in every 4th). 0 leaves a part out."""
+    (`two_object_requests`: the training dataset's relations in turn, a HELD_OUT object in every 4th). 0 leaves
+    a part out."""
 
     seen: int = 96
     unseen: int = 48
@@ -312,7 +313,9 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings = EvalSet
     if "composition" in metrics:
         single = seen_requests(counts.seen) if counts.seen else []
         single += unseen_requests(counts.unseen) if counts.unseen else []
-        scenes = two_object_requests(counts.two_objects) if counts.two_objects else []
+        # The relations the model was trained on (a dataset may draw from a few of them).
+        scenes = two_object_requests(counts.two_objects, relations=dataset.get("relations")) \
+            if counts.two_objects else []
         prompts = [request["prompt"] for request in single + scenes]
         log.info("sampling %d images for composition (%d single-object, %d two-object prompts)", len(prompts),
                  len(single), len(scenes))

@@ -141,6 +141,13 @@ def test_pipeline_call_needs_the_map_and_refuses_bad_nets(sd_tiny, sd_tiny_sampl
     with pytest.raises(AdapterError, match=r"is for another UNet: .*the pipeline's UNet \(model_channels 64"):
         other.attach(controlnet(golden))
     assert other.adapters == [] and other.denoiser.residual_sources == []
+    patched = LatentDiffusionPipeline.from_config({
+        "codec": {"name": "identity"}, "conditioner": {"name": "null"},
+        "denoiser": {"name": "unet", "in_channels": 3, "out_channels": 3, "model_channels": 32, "channel_mult": [1, 2],
+                     "num_res_blocks": 1, "attention_resolutions": [], "num_head_channels": 32, "patch_size": 2}})
+    with pytest.raises(AdapterError, match=r"folds 2x2 patches \(patch_size=2\), which no ControlNet is made for"):
+        patched.attach(controlnet(golden))
+    assert patched.adapters == [] and patched.denoiser.residual_sources == []
     dit = LatentDiffusionPipeline.from_config({
         "codec": {"name": "identity"}, "conditioner": {"name": "null"},
         "denoiser": {"name": "dit", "in_channels": 3, "out_channels": 3, "patch_size": 2, "hidden_size": 32,

@@ -191,7 +191,29 @@ def test_render_scene_refuses_impossible_scenes():
     ({"held_out": "yes"}, r"held_out must be true or false \(true keeps the 12 HELD_OUT combinations"),
     ({"held_out": 1}, r"held_out must be true or false"),
     ({"two_objects": 0.5, "image_size": 16}, r"two-object scenes need image_size of at least 32"),
+    ({"two_objects": 0.5, "relations": ["left of", "between"]}, r"relations must be a non-empty list of distinct "
+                                                               r"relation names from 'left of', 'right of'"),
+    ({"two_objects": 0.5, "relations": []}, r"relations must be a non-empty list"),
+    ({"two_objects": 0.5, "relations": "left of"}, r"relations must be a non-empty list"),
+    ({"two_objects": 0.5, "relations": ["and", "and"]}, r"relations must be a non-empty list of distinct"),
+    ({"two_objects": 0.5, "relations": ["left of", "and"], "flip": True},
+     r"flip mirrors a scene's caption .* no mirror of 'left of': add 'right of' or set flip=false"),
 ])
 def test_bad_composition_options(params, match):
     with pytest.raises(ConfigError, match=f"ShapesDataset: {match}"):
         ShapesDataset(**params)
+
+
+def test_scenes_draw_only_the_relations_asked_for():
+    ds = ShapesDataset(size=200, seed=3, two_objects=1.0, relations=["and", "left of"])
+    drawn = Counter(RELATIONS[ds[i]["relation"]] for i in range(len(ds)))
+    assert set(drawn) == {"left of", "and"} and min(drawn.values()) > 70
+    assert ds.relations == ("left of", "and") and "relations=['left of', 'and']" in repr(ds)
+    for i in range(20):  # the caption says the relation the record holds
+        assert parse_scene(ds[i]["prompt"])["relation"] == RELATIONS[ds[i]["relation"]]
+    # all five, named or left out, draw the same scenes
+    every = ShapesDataset(size=20, seed=3, two_objects=1.0, relations=list(reversed(RELATIONS)))
+    default = ShapesDataset(size=20, seed=3, two_objects=1.0)
+    assert all(every[i]["prompt"] == default[i]["prompt"] for i in range(20)) and "relations" not in repr(default)
+    mirrored = ShapesDataset(size=50, seed=3, two_objects=1.0, relations=["left of", "right of"], flip=True)
+    assert {RELATIONS[mirrored[i]["relation"]] for i in range(50)} == {"left of", "right of"}

@@ -106,6 +106,12 @@ def test_two_object_requests_are_fixed_and_balanced():
         (s1, c1, _), (s2, c2, _) = r["objects"]
         assert s1 != s2 and c1 != c2
     assert requests[0]["prompt"] == "a medium purple square left of a small cyan cross"
+    # a model trained on a few relations is asked for those in turn, the objects as before
+    few = two_object_requests(120, relations=["and", "left of"])
+    assert [r["relation"] for r in few[:4]] == ["left of", "and", "left of", "and"]
+    assert [r["objects"] for r in few] == [r["objects"] for r in requests]
+    with pytest.raises(ConfigError, match="relations must be a non-empty list"):
+        two_object_requests(10, relations=["beside"])
 
 
 def test_rendered_scenes_score_full_and_a_swapped_scene_fails(judge):
@@ -177,7 +183,8 @@ def _untrained_checkpoint(tmp_path: Path, overrides: list[str]) -> tuple[Path, d
 
 
 def test_eval_reports_composition_of_a_composed_checkpoint(judge, cache, tmp_path, monkeypatch):
-    checkpoint, dataset = _untrained_checkpoint(tmp_path, ["dataset=shapes_composed", "dataset.size=16"])
+    checkpoint, dataset = _untrained_checkpoint(tmp_path, ["dataset=shapes_composed", "dataset.size=16",
+                                                           "dataset.relations=['and','left of']"])
     assert dataset["held_out"] is True and dataset["image_size"] == SIZE
     given = []
 
@@ -197,6 +204,7 @@ def test_eval_reports_composition_of_a_composed_checkpoint(judge, cache, tmp_pat
     assert composition["single"]["seen"]["num_samples"] == 3 and composition["single"]["unseen"]["num_samples"] == 2
     assert 0 <= composition["two_object_image_level"] <= composition["two_object_object_level"] <= 1
     assert composition["two_object"]["num_samples"] == 5 and composition["sampling"]["num_samples"] == 10
+    assert set(composition["two_object"]["image_level_per_relation"]) == {"left of", "and"}  # those it learnt
     assert Path(composition["sampling"]["grid"]).name == "samples_composition.png"
     table = markdown_table(results)
     assert "HELD_OUT combinations (n=2)" in table and "two objects: image-level adherence (n=5)" in table

@@ -48,6 +48,7 @@ CASES = [
     ("train", ["train.denoiser.channels_last=nhwc"], "train.denoiser.channels_last='nhwc'"),
     ("train", ["train.codec.precision=fp8"], "train.codec.precision='fp8'"),
     ("train", ["+denoiser.attention_positions=maybe"], "attention_positions must be true or false; got 'maybe'"),
+    ("train", ["+denoiser.patch_size=0"], "patch_size must be a positive integer (1: no patches); got 0"),
     ("train", ["train.tensorboard=2"], "train.tensorboard=2: must be true or false"),
     ("train", ["threads=0"], "threads=0"),
     ("train", ["train.tiny_decoder={{steps: 5, batch_size: 4, lr: 0.001, channels: 8, compare_images: 4}}"],
@@ -84,6 +85,7 @@ CASES = [
     ("train", ["+dataset.two_objects=2"], "two_objects is the fraction of two-object items, a number in [0, 1]"),
     ("train", ["+dataset.held_out=maybe"], "held_out must be true or false"),
     ("train", ["+dataset.two_objects=0.5"], "two-object scenes need image_size of at least 32"),
+    ("train", ["+dataset.relations=[beside]"], "relations must be a non-empty list of distinct relation names"),
     ("train", ["+denoiser.no_such_option=1"], "has no parameter denoiser.no_such_option"),
     ("train", ["train.codec.batch_size=100000000"], "train.codec.batch_size=100000000 (micro-batches of 100000000) "
                                                     "at 16x16 needs at least"),
