@@ -235,8 +235,7 @@ def test_bad_options_and_denoisers_without_layers_to_quantise_are_refused(pipe):
 
 def test_a_process_that_exits_while_attached_leaves_no_temporary_file(tmp_path):
     # Benchmarks and scripts often end with the adapter still attached: the originals' file goes with them.
-    script = ("import torch, tempfile\n"
-              "from latentgen import LatentDiffusionPipeline, registry\n"
+    script = ("from latentgen import LatentDiffusionPipeline, registry\n"
               "from latentgen.config import compose\n"
               "pipe = LatentDiffusionPipeline.from_config(compose('train', ['experiment=smoke']))\n"
               "adapter = pipe.attach(registry.build('adapter', 'int8_weights'))\n"

@@ -209,8 +209,13 @@ def test_scenes_draw_only_the_relations_asked_for():
     drawn = Counter(RELATIONS[ds[i]["relation"]] for i in range(len(ds)))
     assert set(drawn) == {"left of", "and"} and min(drawn.values()) > 70
     assert ds.relations == ("left of", "and") and "relations=['left of', 'and']" in repr(ds)
-    for i in range(20):  # the caption says the relation the record holds
-        assert parse_scene(ds[i]["prompt"])["relation"] == RELATIONS[ds[i]["relation"]]
+    for i in range(20):  # the caption says the relation the record holds, the pixels where each object is
+        item = ds[i]
+        assert parse_scene(item["prompt"])["relation"] == RELATIONS[item["relation"]]
+        first_half = relation_halves(item["relation"])[0]
+        pixels = _halves(item["image"], item["relation"])[first_half]
+        mean_rgb = pixels[:, _chroma(pixels) > 0.4].mean(dim=1)
+        assert torch.cdist(mean_rgb[None], PALETTE).argmin().item() == item["objects"][0][1], item["prompt"]
     # all five, named or left out, draw the same scenes
     every = ShapesDataset(size=20, seed=3, two_objects=1.0, relations=list(reversed(RELATIONS)))
     default = ShapesDataset(size=20, seed=3, two_objects=1.0)
