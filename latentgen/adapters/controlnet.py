@@ -87,7 +87,7 @@ class ControlNet(Adapter):
         if not isinstance(unet, UNet):
             raise AdapterError(f"ControlNet '{self.path.name}' steers an LDM UNet; this pipeline's denoiser is "
                                f"'{unet.name}'")
-        if getattr(unet, "patch_size", 1) != 1:  # its hint and residuals are at the latent resolution
+        if unet.patch_size != 1:  # its hint and residuals are at the latent resolution
             raise AdapterError(f"ControlNet '{self.path.name}' steers a UNet that works at the latent resolution; "
                                f"this pipeline's UNet folds {unet.patch_size}x{unet.patch_size} patches "
                                f"(patch_size={unet.patch_size}), which no ControlNet is made for")

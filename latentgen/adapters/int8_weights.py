@@ -34,6 +34,7 @@ from torch import nn
 
 from latentgen.contracts import Adapter
 from latentgen.errors import AdapterError
+from latentgen.freed_memory import return_freed_memory
 from latentgen.nn.packed_convolution import PackedConv2d
 
 _NAME = "adapter 'int8_weights'"
@@ -62,18 +63,6 @@ def dequantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     saves a float32 copy of every weight per call (a bf16 SD v1 step at batch 1 took 4.3 s instead of 2.7 s with
     the float32 detour, 3.0 s this way)."""
     return values.to(dtype) * scale.to(dtype)
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap memory back to the system (glibc keeps it for reuse otherwise: SD v1's bf16 UNet measured
-    3.5 GiB resident after attaching, 2.05 GiB once trimmed); a no-op where there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class _Int8Weight:
@@ -202,7 +191,7 @@ class Int8Weights(Adapter):
                 self._emptied[key] = weight
                 weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
             del params
-            _return_freed_memory()
+            return_freed_memory()
 
     @torch.no_grad()
     def remove(self, pipeline: Any) -> None:
@@ -222,7 +211,7 @@ class Int8Weights(Adapter):
         if self._file_cleanup is not None:
             self._file_cleanup()  # removes the file, once
         self._layers, self._file_cleanup, self._emptied, self._file = [], None, {}, None
-        _return_freed_memory()  # the int8 buffers, or the file's pages read back
+        return_freed_memory()  # the int8 buffers, or the file's pages read back
 
     @property
     def originals_file(self) -> str | None:

@@ -85,8 +85,9 @@ _HELD_OUT_INDICES = frozenset((SHAPES.index(shape), list(COLOURS).index(colour),
 # half's shorter side (half the image), so small, medium and large stay apart within a scene.
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below", "and")
 # Larger than SIZE_FRACTIONS: at 32px a half is 16px wide, and a small object at 0.36 of it (6px) came back from
-# the factor-2 codec as a blob (the two-object judge read 68 % of scenes right in its reconstructions; 98 % at
-# these fractions: docs/training.md). 0.86 still leaves a large object its 1px margin inside a 16px half.
+# the factor-2 codec as a blob (the two-object judge read 68 % of scenes right in the reconstructions of a
+# 1000-step codec; 98 % at these fractions with a 2000-step one, docs/training.md). 0.86 still leaves a large
+# object its 1px margin inside a 16px half.
 SCENE_SIZE_FRACTIONS: tuple[float, ...] = (0.50, 0.68, 0.86)
 _RELATION_AXIS = {"left of": 0, "right of": 0, "above": 1, "below": 1, "and": 0}  # 0: x (left | right), 1: y
 _FIRST_HALF = {"left of": 0, "right of": 1, "above": 0, "below": 1, "and": 0}  # 0: left or top half
