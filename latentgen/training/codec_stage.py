@@ -11,6 +11,7 @@ from latentgen.contracts import Codec
 from latentgen.training.codec_losses import CodecObjective, hinge_discriminator_loss
 from latentgen.training.data import DatasetBatches, derived_seed, seed_from
 from latentgen.training.distributed import ProcessGroup
+from latentgen.training.fused_adam import fused_option, load_optimizer_state
 from latentgen.training.lr_schedule import warmup_cosine
 from latentgen.training.precision import Precision
 
@@ -49,7 +50,8 @@ class CodecTrainer:
                              f"{self.group.world_size * max(1, self.micro_batches)}")
         self.chunks = self.group.world_size * self.micro_batches
         self.objective = CodecObjective(codec, settings, device)
-        self.optimizer = torch.optim.Adam(codec.parameters(), lr=self.base_lr, betas=(0.5, 0.9))
+        parameters = list(codec.parameters())
+        self.optimizer = torch.optim.Adam(parameters, lr=self.base_lr, betas=(0.5, 0.9), **fused_option(parameters))
         self.batches = DatasetBatches(dataset, self.batch_size, generator, num_workers, rows, "train.codec.batch_size")
         codec.train()
 
@@ -121,7 +123,7 @@ class CodecTrainer:
                 "data": self.batches.state_dict(), "precision": self.precision.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.objective.load_state_dict(state["objective"])
         self.batches.load_state_dict(state["data"])
         self.precision.load_state_dict(state["precision"])

@@ -10,6 +10,7 @@ from latentgen.pipeline import LatentDiffusionPipeline
 from latentgen.training.data import ShuffledOrder, seed_from
 from latentgen.training.distributed import ProcessGroup
 from latentgen.training.ema import EMA
+from latentgen.training.fused_adam import fused_option, load_optimizer_state
 from latentgen.training.latent_cache import LatentCache
 from latentgen.training.loss_weighting import check_weighting, loss_weights
 from latentgen.training.lr_schedule import warmup_cosine
@@ -64,7 +65,9 @@ class DenoiserTrainer:
         self.modules = {kind: getattr(pipe, kind) for kind in ("denoiser", "conditioner")
                         if any(p.requires_grad for p in getattr(pipe, kind).parameters())}
         self.parameters = [p for module in self.modules.values() for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=self.base_lr, weight_decay=float(settings["weight_decay"]))
+        weight_decay = float(settings["weight_decay"])
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=self.base_lr, weight_decay=weight_decay,
+                                           **fused_option(self.parameters))
         decay = float(settings["ema_decay"])
         self.averages = {kind: EMA(module, decay) for kind, module in self.modules.items()} if decay > 0 else {}
         for module in self.modules.values():
@@ -132,7 +135,7 @@ class DenoiserTrainer:
         if set(state["averages"]) != set(self.averages):
             raise ValueError(f"the training state averages {sorted(state['averages'])}, this run {sorted(self.averages)}; "
                              f"resume with the same ema_decay and trainable modules")
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.order.load_state_dict(state["order"])
         for kind, average in self.averages.items():
             average.load_state_dict(state["averages"][kind])
