@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from latentgen.contracts import Codec
 from latentgen.errors import ConfigError
 from latentgen.nn.discriminator import PatchDiscriminator
-from latentgen.training.fused_adam import fused_option, load_optimizer_state
+from latentgen.training.fused_adam import adam, load_optimizer_state
 from latentgen.training.perceptual import LPIPS, load_lpips
 
 __all__ = ["AdversarialLoss", "CodecObjective", "adaptive_weight", "hinge_discriminator_loss", "hinge_generator_loss"]
@@ -56,8 +56,7 @@ class AdversarialLoss:
     def __init__(self, discriminator: PatchDiscriminator, weight: float, start: int, lr: float) -> None:
         self.discriminator = discriminator
         self.weight, self.start, self.lr = float(weight), int(start), float(lr)
-        parameters = list(discriminator.parameters())
-        self.optimizer = torch.optim.Adam(parameters, lr=self.lr, betas=(0.5, 0.9), **fused_option(parameters))
+        self.optimizer = adam(torch.optim.Adam, discriminator.parameters(), lr=self.lr, betas=(0.5, 0.9))
 
     def active(self, step: int) -> bool:
         """Whether the 1-based `step` trains with the GAN (LDM counts steps from 0 and starts at step >= start)."""

@@ -11,7 +11,7 @@ from latentgen.contracts import Codec
 from latentgen.training.codec_losses import CodecObjective, hinge_discriminator_loss
 from latentgen.training.data import DatasetBatches, derived_seed, seed_from
 from latentgen.training.distributed import ProcessGroup
-from latentgen.training.fused_adam import fused_option, load_optimizer_state
+from latentgen.training.fused_adam import adam, load_optimizer_state
 from latentgen.training.lr_schedule import warmup_cosine
 from latentgen.training.precision import Precision
 
@@ -50,8 +50,7 @@ class CodecTrainer:
                              f"{self.group.world_size * max(1, self.micro_batches)}")
         self.chunks = self.group.world_size * self.micro_batches
         self.objective = CodecObjective(codec, settings, device)
-        parameters = list(codec.parameters())
-        self.optimizer = torch.optim.Adam(parameters, lr=self.base_lr, betas=(0.5, 0.9), **fused_option(parameters))
+        self.optimizer = adam(torch.optim.Adam, codec.parameters(), lr=self.base_lr, betas=(0.5, 0.9))
         self.batches = DatasetBatches(dataset, self.batch_size, generator, num_workers, rows, "train.codec.batch_size")
         codec.train()
 

@@ -10,7 +10,7 @@ from latentgen.pipeline import LatentDiffusionPipeline
 from latentgen.training.data import ShuffledOrder, seed_from
 from latentgen.training.distributed import ProcessGroup
 from latentgen.training.ema import EMA
-from latentgen.training.fused_adam import fused_option, load_optimizer_state
+from latentgen.training.fused_adam import adam, load_optimizer_state
 from latentgen.training.latent_cache import LatentCache
 from latentgen.training.loss_weighting import check_weighting, loss_weights
 from latentgen.training.lr_schedule import warmup_cosine
@@ -65,9 +65,8 @@ class DenoiserTrainer:
         self.modules = {kind: getattr(pipe, kind) for kind in ("denoiser", "conditioner")
                         if any(p.requires_grad for p in getattr(pipe, kind).parameters())}
         self.parameters = [p for module in self.modules.values() for p in module.parameters() if p.requires_grad]
-        weight_decay = float(settings["weight_decay"])
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=self.base_lr, weight_decay=weight_decay,
-                                           **fused_option(self.parameters))
+        self.optimizer = adam(torch.optim.AdamW, self.parameters, lr=self.base_lr,
+                              weight_decay=float(settings["weight_decay"]))
         decay = float(settings["ema_decay"])
         self.averages = {kind: EMA(module, decay) for kind, module in self.modules.items()} if decay > 0 else {}
         for module in self.modules.values():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from latentgen.config import compose
 from latentgen.pipeline import LatentDiffusionPipeline, build_component
 from latentgen.training.codec_stage import CodecTrainer
 from latentgen.training.denoiser_stage import DenoiserTrainer
-from latentgen.training.fused_adam import fused_option, load_optimizer_state
+from latentgen.training.fused_adam import adam, fused_option, load_optimizer_state
 from latentgen.training.latent_cache import LatentCache
 from latentgen.training.state_file import load_state, save_state
 
@@ -50,7 +48,7 @@ def test_both_stages_build_fused_optimizers_on_a_cpu():
     pipe = LatentDiffusionPipeline.from_config(config)
     cache = LatentCache(torch.randn(8, 4, 8, 8), {"prompt": ["a small red circle"] * 8})
     settings = {**config["train"]["denoiser"], "batch_size": 4}
-    denoiser = DenoiserTrainer(copy.deepcopy(pipe), cache, settings, torch.Generator().manual_seed(0))
+    denoiser = DenoiserTrainer(pipe, cache, settings, torch.Generator().manual_seed(0))
     codec = CodecTrainer(build_component("codec", config["codec"]), build_component("dataset", config["dataset"]),
                          {**config["train"]["codec"], "batch_size": 4}, torch.device("cpu"),
                          torch.Generator().manual_seed(0))
@@ -69,14 +67,14 @@ def test_moments_resumed_from_a_state_file_take_their_channels_last_parameter_la
 
     def trained(resume_after: int | None, load=load_optimizer_state) -> torch.Tensor:
         weight = torch.nn.Parameter(start.clone().to(memory_format=torch.channels_last))
-        optimizer = torch.optim.AdamW([weight], lr=1e-2, **fused_option([weight]))
+        optimizer = adam(torch.optim.AdamW, [weight], lr=1e-2)
         gradients = torch.Generator().manual_seed(1)
         for step in range(6):
             weight.grad = torch.randn(weight.shape, generator=gradients).contiguous(memory_format=torch.channels_last)
             optimizer.step()
             if step + 1 == resume_after:
                 save_state(tmp_path / "state.safetensors", {"optimizer": optimizer.state_dict()})
-                optimizer = torch.optim.AdamW([weight], lr=1e-2, **fused_option([weight]))
+                optimizer = adam(torch.optim.AdamW, [weight], lr=1e-2)
                 load(optimizer, load_state(tmp_path / "state.safetensors")[0]["optimizer"])
         return weight.detach()
 
