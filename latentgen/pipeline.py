@@ -283,7 +283,7 @@ class LatentDiffusionPipeline:
             if masks is not None and not model_applies_mask:
                 repaint = latent_mask(masks, latent_size).to(self.device)
         return sample(denoise, self.scheduler, sigmas, noise, known=known, repaint=repaint, generator=generator,
-                      callback=request.callback)
+                      callback=request.callback, frame=getattr(self.process, "sampling_frame", "ve"))
 
     def _check_memory(self, batch_size: int, latent_size: tuple[int, int], request: Request) -> None:
         """Refuse a batch that cannot fit before anything is allocated for it (latentgen.memory)."""

@@ -23,6 +23,10 @@ class Process(abc.ABC):
     """
 
     prediction_type: str = "x0"
+    # "ve": samplers integrate in the form above. "flow" (rectified flow, whose pure-noise end is sigma = infinity):
+    # deterministic samplers integrate the same ODE in x / (1 + sigma), t = sigma / (1 + sigma), where it has the
+    # same form and bounded steps (latentgen/diffusion/flow_frame.py).
+    sampling_frame: str = "ve"
 
     @abc.abstractmethod
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from latentgen.contracts.scheduler import Callback, DenoiseFn
+from latentgen.diffusion.flow_frame import integrate_in_flow_frame, uses_flow_frame
 from latentgen.diffusion.inpainting import MaskBlendedDenoiser
 
 
@@ -19,11 +20,13 @@ def img2img_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
 
 def sample(denoise: DenoiseFn, scheduler: Callable[..., torch.Tensor], sigmas: torch.Tensor, noise: torch.Tensor, *,
            known: torch.Tensor | None = None, repaint: torch.Tensor | None = None,
-           generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, callback: Callback | None = None,
+           frame: str = "ve") -> torch.Tensor:
     """Latents at sigma 0 from `noise` (B, C, h, w) at sigmas[0], or from the `known` latents noised to sigmas[0].
 
     `repaint` (B, 1, h, w) in [0, 1], 1 = repaint, keeps the known latents outside the mask at every step
-    (Avrahami et al. 2022, Blended Latent Diffusion): inpainting with any denoiser.
+    (Avrahami et al. 2022, Blended Latent Diffusion): inpainting with any denoiser. `frame` is the process's
+    `sampling_frame`: under "flow" a deterministic scheduler integrates in flow coordinates (flow_frame.py).
     """
     start = noise * sigmas[0].to(torch.float32)
     x = start if known is None else known + start
@@ -31,5 +34,8 @@ def sample(denoise: DenoiseFn, scheduler: Callable[..., torch.Tensor], sigmas: t
         if known is None:
             raise ValueError("blending with a mask needs the known latents it keeps")
         denoise = MaskBlendedDenoiser(denoise, known, repaint)
-    x = scheduler(denoise, x, sigmas, generator=generator, callback=callback)
+    if uses_flow_frame(scheduler, frame):
+        x = integrate_in_flow_frame(scheduler, denoise, x, sigmas, generator=generator, callback=callback)
+    else:
+        x = scheduler(denoise, x, sigmas, generator=generator, callback=callback)
     return denoise.blend(x) if repaint is not None else x

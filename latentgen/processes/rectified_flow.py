@@ -31,6 +31,7 @@ class RectifiedFlowProcess(Process):
     """Straight-line interpolation between data and noise, velocity prediction, logit-normal shifted training."""
 
     prediction_type = "velocity"
+    sampling_frame = "flow"  # heun, lms, plms step across sigma 9999 -> 8 otherwise (latentgen/diffusion/flow_frame.py)
 
     def __init__(self, shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0,
                  timestep_scale: float = 1000.0, shift_base_tokens: int | None = None, t_min: float = 1e-3):
