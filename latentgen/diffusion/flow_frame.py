@@ -28,8 +28,14 @@ def uses_flow_frame(scheduler: object, frame: str) -> bool:
             and not scheduler.consistency)
 
 
-def flow_time(sigmas: torch.Tensor) -> torch.Tensor:
-    return sigmas / (1 + sigmas)
+def flow_time(sigma):
+    """t = sigma / (1 + sigma), for a tensor or a float."""
+    return sigma / (1 + sigma)
+
+
+def flow_sigma(t):
+    """sigma = t / (1 - t), the inverse of flow_time, of the type given."""
+    return t / (1 - t)
 
 
 class FlowFrameDenoiser:
@@ -39,7 +45,7 @@ class FlowFrameDenoiser:
         self.denoise = denoise
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        sigma = t / (1 - t)  # of the type the scheduler passed (a 0-d tensor of the grid, or a float)
+        sigma = flow_sigma(t)  # of the type the scheduler passed (a 0-d tensor of the grid, or a float)
         return self.denoise(x * (1 + sigma), sigma)
 
 
@@ -50,7 +56,7 @@ def integrate_in_flow_frame(scheduler: Scheduler, denoise: DenoiseFn, x: torch.T
     reported = None
     if callback is not None:
         def reported(state: dict) -> None:
-            sigma = state["sigma"] / (1 - state["sigma"])
+            sigma = flow_sigma(state["sigma"])
             callback({**state, "x": state["x"] * (1 + sigma), "sigma": sigma})
     return scheduler(FlowFrameDenoiser(denoise), x / (1 + sigmas[0]), flow_time(sigmas), generator=generator,
                      callback=reported)
