@@ -86,6 +86,7 @@ CASES = [
     ("train", ["+dataset.held_out=maybe"], "held_out must be true or false"),
     ("train", ["+dataset.two_objects=0.5"], "two-object scenes need image_size of at least 32"),
     ("train", ["+dataset.relations=[beside]"], "relations must be a non-empty list of distinct relation names"),
+    ("train", ["+dataset.background=wallpaper"], "unknown background 'wallpaper'; choose one of plain, textured"),
     ("train", ["+denoiser.no_such_option=1"], "has no parameter denoiser.no_such_option"),
     ("train", ["train.codec.batch_size=100000000"], "train.codec.batch_size=100000000 (micro-batches of 100000000) "
                                                     "at 16x16 needs at least"),
