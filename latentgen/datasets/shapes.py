@@ -102,6 +102,7 @@ SCENE_TEMPLATES: tuple[str, ...] = (
 
 SPLITS: tuple[str, ...] = ("train", "test")
 BACKGROUNDS: tuple[str, ...] = ("plain", "textured")
+DEFAULT_BACKGROUND = "textured"  # the renderers' and the dataset's default; conf/dataset/*.yaml choose their own
 LOW_RES_MODES: tuple[str, ...] = ("area", "bicubic")  # box filter; antialiased bicubic (PIL's BICUBIC resize)
 
 PLAIN_GRAY = 64
@@ -192,6 +193,11 @@ def _mask(shape: int, size: int, position: tuple[float, float], image_size: int,
     return np.asarray(canvas.reduce(SUPERSAMPLING), dtype=np.float32) / 255.0
 
 
+def _check_background(background: str, where: str) -> None:
+    if background not in BACKGROUNDS:
+        raise ConfigError(f"{where}: unknown background '{background}'; choose one of {', '.join(BACKGROUNDS)}")
+
+
 def _background(background: str, image_size: int, rng: np.random.Generator | None) -> np.ndarray:
     """Neutral gray background, float32 (H, W) in gray levels 0..255."""
     if background == "plain":
@@ -208,12 +214,11 @@ def _background(background: str, image_size: int, rng: np.random.Generator | Non
 
 def render_uint8(shape: int | str, colour: int | str, size: int | str, position: tuple[float, float] = (0.5, 0.5),
                  image_size: int = 32, rng: np.random.Generator | None = None,
-                 background: str = "textured") -> np.ndarray:
+                 background: str = DEFAULT_BACKGROUND) -> np.ndarray:
     """One shape image as uint8 (H, W, 3); `position` is the centre as fractions of the image width."""
     image_size = _check_image_size(image_size, "shapes", 16)
     shape, colour, size = _index(shape, SHAPES, "shape"), _index(colour, COLOURS, "colour"), _index(size, SIZES, "size")
-    if background not in BACKGROUNDS:
-        raise ConfigError(f"shapes: unknown background '{background}'; choose one of {', '.join(BACKGROUNDS)}")
+    _check_background(background, "shapes")
     low, high = position_range(size, image_size)
     x, y = float(position[0]), float(position[1])
     if not (low - 1e-6 <= x <= high + 1e-6 and low - 1e-6 <= y <= high + 1e-6):
@@ -232,7 +237,8 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 
 def render(shape: int | str, colour: int | str, size: int | str, position: tuple[float, float] = (0.5, 0.5),
-           image_size: int = 32, rng: np.random.Generator | None = None, background: str = "textured") -> torch.Tensor:
+           image_size: int = 32, rng: np.random.Generator | None = None,
+           background: str = DEFAULT_BACKGROUND) -> torch.Tensor:
     """One shape image as float32 (3, H, W) in [-1, 1]; arguments are indices or names."""
     return to_tensor(render_uint8(shape, colour, size, position, image_size, rng, background))
 
@@ -330,7 +336,7 @@ def _check_scene_size(image_size: int, what: str) -> None:
 
 def render_scene_uint8(objects: Sequence[tuple[int | str, int | str, int | str]], relation: int | str,
                        positions: Sequence[tuple[float, float]] | None = None, image_size: int = 32,
-                       rng: np.random.Generator | None = None, background: str = "textured") -> np.ndarray:
+                       rng: np.random.Generator | None = None, background: str = DEFAULT_BACKGROUND) -> np.ndarray:
     """A two-object scene as uint8 (H, W, 3): `objects` are two (shape, colour, size), in caption order, each
     inside the half `relation` puts it in; `positions` are their centres as fractions of the image width
     (None: the middle of each half)."""
@@ -341,8 +347,7 @@ def render_scene_uint8(objects: Sequence[tuple[int | str, int | str, int | str]]
         raise ConfigError(f"shapes: a scene holds two objects (shape, colour, size); got {len(objects)}")
     objects = [(_index(shape, SHAPES, "shape"), _index(colour, COLOURS, "colour"), _index(size, SIZES, "size"))
                for shape, colour, size in objects]
-    if background not in BACKGROUNDS:
-        raise ConfigError(f"shapes: unknown background '{background}'; choose one of {', '.join(BACKGROUNDS)}")
+    _check_background(background, "shapes")
     axis, halves = relation_axis(relation), relation_halves(relation)
     ranges = [half_position_range(size, image_size, axis, half) for (_, _, size), half in zip(objects, halves)]
     if positions is None:
@@ -362,7 +367,7 @@ def render_scene_uint8(objects: Sequence[tuple[int | str, int | str, int | str]]
 
 def render_scene(objects: Sequence[tuple[int | str, int | str, int | str]], relation: int | str,
                  positions: Sequence[tuple[float, float]] | None = None, image_size: int = 32,
-                 rng: np.random.Generator | None = None, background: str = "textured") -> torch.Tensor:
+                 rng: np.random.Generator | None = None, background: str = DEFAULT_BACKGROUND) -> torch.Tensor:
     """A two-object scene as float32 (3, H, W) in [-1, 1] (see `render_scene_uint8`)."""
     return to_tensor(render_scene_uint8(objects, relation, positions, image_size, rng, background))
 
@@ -450,7 +455,7 @@ class ShapesDataset(Augmented, Dataset):
     SIZES = SIZES
 
     def __init__(self, image_size: int = 32, size: int = 10000, seed: int = 0, split: str = "train",
-                 background: str = "textured", low_res_size: int | None = None, low_res_mode: str = "area",
+                 background: str = DEFAULT_BACKGROUND, low_res_size: int | None = None, low_res_mode: str = "area",
                  flip: bool = False, held_out: bool = False, two_objects: float = 0.0,
                  relations: Sequence[str] | None = None) -> None:
         self.image_size = _check_image_size(image_size, "ShapesDataset", 16)
@@ -465,9 +470,7 @@ class ShapesDataset(Augmented, Dataset):
             raise ConfigError(f"ShapesDataset: size must be a positive integer, got {size!r}")
         if split not in SPLITS:
             raise ConfigError(f"ShapesDataset: unknown split '{split}'; choose one of {', '.join(SPLITS)}")
-        if background not in BACKGROUNDS:
-            raise ConfigError(f"ShapesDataset: unknown background '{background}'; "
-                              f"choose one of {', '.join(BACKGROUNDS)}")
+        _check_background(background, "ShapesDataset")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"ShapesDataset: seed must be a non-negative integer, got {seed!r}")
         if not isinstance(flip, bool):

@@ -24,7 +24,7 @@ import torch
 from latentgen.checkpoint import read_checkpoint, read_metadata
 from latentgen.config.containers import to_plain
 from latentgen.contracts import Scheduler
-from latentgen.datasets.shapes import parse_prompt
+from latentgen.datasets.shapes import DEFAULT_BACKGROUND, parse_prompt
 from latentgen.errors import ConfigError
 from latentgen.evaluation.adherence import (
     ACCEPTANCE_JOINT_ACCURACY,
@@ -173,11 +173,11 @@ def _held_out_images(name: str, dataset: Mapping[str, Any], count: int) -> torch
     image_size, seed = int(dataset.get("image_size", 32)), int(dataset.get("seed", 0))
     if name == "shapes" and float(dataset.get("two_objects") or 0) > 0:  # its scenes as well
         data = ShapesDataset(image_size=image_size, size=count, seed=seed, split="test",
-                             background=dataset.get("background", "textured"),
+                             background=dataset.get("background", DEFAULT_BACKGROUND),
                              two_objects=float(dataset["two_objects"]))
         return torch.stack([data[i]["image"] for i in range(count)])
     if name == "shapes":
-        images, _ = rendered_split(image_size, count, "test", seed, dataset.get("background", "textured"))
+        images, _ = rendered_split(image_size, count, "test", seed, dataset.get("background", DEFAULT_BACKGROUND))
         return images
     data = DigitsDataset(image_size=image_size, split="test", seed=seed)
     return torch.stack([data[i]["image"] for i in range(min(count, len(data)))])
@@ -251,7 +251,7 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings = EvalSet
         **({"adapters": [adapter.describe() for adapter in settings.adapters]} if settings.adapters else {}),
     }
     # The judges first: a refused judge should not cost a sampling run.
-    recipe = replace(settings.judge, background=dataset.get("background", "textured"))
+    recipe = replace(settings.judge, background=dataset.get("background", DEFAULT_BACKGROUND))
     if (name == "shapes" and any(metric in ("adherence", "fd") for metric in metrics)) or \
             ("composition" in metrics and counts.seen + counts.unseen > 0):
         judge, results["judge"] = shapes_judge(image_size, recipe, settings.cache_dir, settings.min_judge_accuracy)

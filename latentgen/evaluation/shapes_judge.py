@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentgen.datasets.shapes import COLOURS, SHAPES, SIZES, ShapesDataset, relation_axis, relation_halves
+from latentgen.datasets.shapes import (
+    COLOURS,
+    DEFAULT_BACKGROUND,
+    SHAPES,
+    SIZES,
+    ShapesDataset,
+    relation_axis,
+    relation_halves,
+)
 
 JUDGE_VERSION = 2  # bump when the network or the training loop changes: it keys the cache
 HALF_JUDGE_VERSION = 1  # the same for the two-object judge (HalfJudge, train_half_judge)
@@ -43,7 +51,7 @@ class JudgeRecipe:
     weight_decay: float = 1e-4
     seed: int = 0
     held_out_images: int = 1000
-    background: str = "textured"
+    background: str = DEFAULT_BACKGROUND
 
     def __post_init__(self) -> None:
         for name in ("train_images", "steps", "batch_size", "held_out_images"):
@@ -148,7 +156,7 @@ def half_crops(images: torch.Tensor, relations: Sequence[int | str]) -> torch.Te
 
 
 def rendered_split(image_size: int, count: int, split: str, seed: int,
-                   background: str = "textured") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   background: str = DEFAULT_BACKGROUND) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`count` dataset renders (N, 3, S, S) in [-1, 1] and their factors {shape, colour, size} (N,)."""
     data = ShapesDataset(image_size=image_size, size=count, seed=seed, split=split, background=background)
     items = [data[i] for i in range(count)]
@@ -158,7 +166,7 @@ def rendered_split(image_size: int, count: int, split: str, seed: int,
 
 
 def rendered_scenes(image_size: int, count: int, split: str, seed: int,
-                    background: str = "textured") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    background: str = DEFAULT_BACKGROUND) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`count` two-object dataset renders (N, 3, S, S) in [-1, 1], their objects (N, 2, 3) as (shape, colour,
     size) rows in caption order, and their relations (N,) (indices into RELATIONS)."""
     data = ShapesDataset(image_size=image_size, size=count, seed=seed, split=split, background=background,
@@ -177,7 +185,7 @@ def objects_by_half(objects: torch.Tensor, relations: Sequence[int | str]) -> to
 
 
 def rendered_halves(image_size: int, count: int, split: str, seed: int,
-                    background: str = "textured") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    background: str = DEFAULT_BACKGROUND) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The 2 * `count` halves (2N, 3, S, S/2) of `count` two-object renders and what each holds {shape, colour,
     size} (2N,)."""
     images, objects, relations = rendered_scenes(image_size, count, split, seed, background)
