@@ -182,6 +182,13 @@ def test_render_scene_refuses_impossible_scenes():
         render_scene([(0, 0, 0)], "and")
 
 
+@pytest.mark.parametrize("draw", [lambda: shapes.render("circle", "red", "large", background="wallpaper"),
+                                  lambda: render_scene([(0, 0, 0), (1, 1, 0)], "and", background="wallpaper")])
+def test_the_renderers_refuse_an_unknown_background(draw):
+    with pytest.raises(ConfigError, match="shapes: unknown background 'wallpaper'; choose one of plain, textured"):
+        draw()
+
+
 @pytest.mark.parametrize("params, match", [
     ({"two_objects": 1.5}, r"two_objects is the fraction of two-object items, a number in \[0, 1\].*got 1.5"),
     ({"two_objects": -0.1}, r"two_objects .* in \[0, 1\]"),
