@@ -63,3 +63,21 @@ def test_text_conditioner():
     torch.testing.assert_close(uncond, text({"prompt": ["", ""]})["crossattn"])
     with pytest.raises(TypeError, match="strings"):
         text({"prompt": [3]})
+
+
+def test_text_conditioner_pools_the_prompt_when_asked():
+    text = registry.build("conditioner", "text", context_dim=32, num_layers=1, num_heads=2, max_length=8, vector_dim=24)
+    prompts = {"prompt": ["a red circle", "a small blue star left of a large red square"]}
+    cond = text(prompts)
+    assert text.outputs == {"crossattn": 32, "vector": 24} and cond["vector"].shape == (2, 24)
+    # The mean of the prompt's own token states, padding left out: "a red circle" pads 3 of its 8 places.
+    ids = text.tokenize(prompts["prompt"][:1])
+    kept = ids[0] != text.tokenizer.pad_id
+    assert kept.sum() == 5
+    torch.testing.assert_close(cond["vector"][0], text.pool(cond["crossattn"][0, kept].mean(0)))
+    uncond = text.unconditional(prompts)
+    torch.testing.assert_close(uncond["vector"], text({"prompt": ["", ""]})["vector"])
+    assert not torch.allclose(cond["vector"][0], cond["vector"][1])
+    for bad in (0, -3, 2.5, True, "wide"):
+        with pytest.raises(ValueError, match="vector_dim must be a positive integer"):
+            registry.build("conditioner", "text", vector_dim=bad)

@@ -48,6 +48,7 @@ CASES = [
     ("train", ["train.denoiser.channels_last=nhwc"], "train.denoiser.channels_last='nhwc'"),
     ("train", ["train.codec.precision=fp8"], "train.codec.precision='fp8'"),
     ("train", ["+denoiser.attention_positions=maybe"], "attention_positions must be true or false; got 'maybe'"),
+    ("train", ["conditioner.vector_dim=0"], "vector_dim must be a positive integer; got 0"),
     ("train", ["+denoiser.patch_size=0"], "patch_size must be a positive integer (1: no patches); got 0"),
     ("train", ["train.tensorboard=2"], "train.tensorboard=2: must be true or false"),
     ("train", ["threads=0"], "threads=0"),
