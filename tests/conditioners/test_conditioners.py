@@ -81,3 +81,13 @@ def test_text_conditioner_pools_the_prompt_when_asked():
     for bad in (0, -3, 2.5, True, "wide"):
         with pytest.raises(ValueError, match="vector_dim must be a positive integer"):
             registry.build("conditioner", "text", vector_dim=bad)
+
+
+def test_the_pooled_text_conditioner_keeps_the_conditioner_contract():
+    # The contract suite runs on every registered conditioner with its small defaults, so without the pooled prompt;
+    # this runs it with one: dropout, determinism, bfloat16 and rebuilding from the config, with "vector" as well.
+    from latentgen.testing import check_conditioner
+
+    checked = check_conditioner(lambda: registry.build("conditioner", "text", context_dim=16, num_layers=1,
+                                                       num_heads=2, max_length=8, vector_dim=12))
+    assert {"shapes", "dtype bfloat16", "determinism"} <= set(checked)
