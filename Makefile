@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml $(PLUGIN_PROJECTS)
 	touch $@
 
 demo: install
-	$(BIN)/latentgen-train experiment=shapes
+	$(BIN)/latentgen-train experiment=shapes_composed
 
 test: install
 	$(BIN)/python -m pytest -q

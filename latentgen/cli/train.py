@@ -95,7 +95,13 @@ def accept(config: dict[str, Any], run_dir: Path, overrides: list[str]) -> None:
         config = resumed_config(run_dir, overrides, config)
     settings = app_settings(TrainRunSettings, config)  # before torch is imported: a bad value costs a second
     from latentgen.devices import resolve_device
-    from latentgen.training.run import build_parts, check_batches_fit, check_start, validated_config
+    from latentgen.training.run import (
+        build_parts,
+        check_batches_fit,
+        check_codec_crop,
+        check_start,
+        validated_config,
+    )
 
     config = validated_config(config)
     dataset, pipe = build_parts(config, weights=False)  # the components check their own parameters (seconds at most)
@@ -105,6 +111,7 @@ def accept(config: dict[str, Any], run_dir: Path, overrides: list[str]) -> None:
 
         build_component("adapter", adapter).check(pipe)
     check_batches_fit(config, dataset, pipe, resolve_device(settings.device))
+    check_codec_crop(config, dataset, pipe)
     claim(run_dir)
     if not resume:
         check_start(run_dir, settings.overwrite)

@@ -95,6 +95,8 @@ class CodecStageSettings(StageSettings):
     disc_channels: int = setting(64, ge=1)
     disc_lr: Optional[float] = setting(None, gt=0)
     scale_by_std: bool = setting(True)
+    crop_size: Optional[int] = setting(None, ge=1, help="fit the codec on random square crops this many pixels wide "
+                                       "(a multiple of its downsampling factor): cheaper steps; null: whole images")
 
 
 @dataclass

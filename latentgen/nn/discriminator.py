@@ -6,7 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["PatchDiscriminator"]
+__all__ = ["PatchDiscriminator", "min_image_size"]
+
+
+def min_image_size(num_layers: int) -> int:
+    """The smallest H and W that leave a `num_layers` discriminator at least one logit: each stride-2
+    conv floors size/2, each stride-1 4x4 conv with padding 1 removes one row."""
+    return 3 * 2**int(num_layers)
 
 
 class PatchDiscriminator(nn.Module):
@@ -37,9 +43,7 @@ class PatchDiscriminator(nn.Module):
 
     @property
     def min_image_size(self) -> int:
-        """The smallest H and W that leave at least one logit: each stride-2 conv floors size/2, each
-        stride-1 4x4 conv with padding 1 removes one row."""
-        return 3 * 2**self.num_layers
+        return min_image_size(self.num_layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or min(images.shape[2:]) < self.min_image_size:

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from latentgen.contracts import Codec
+from latentgen.nn.discriminator import min_image_size
 from latentgen.training.codec_losses import CodecObjective, hinge_discriminator_loss
 from latentgen.training.data import DatasetBatches, derived_seed, seed_from
 from latentgen.training.distributed import ProcessGroup
@@ -49,6 +50,9 @@ class CodecTrainer:
                              f"batch_size {self.batch_size}; make batch_size a multiple of "
                              f"{self.group.world_size * max(1, self.micro_batches)}")
         self.chunks = self.group.world_size * self.micro_batches
+        self.rows = rows
+        self.crop_size = check_crop_size(settings, int(getattr(codec, "downsampling_factor", 1)),
+                                         getattr(dataset, "image_size", None))
         self.objective = CodecObjective(codec, settings, device)
         self.optimizer = adam(torch.optim.Adam, codec.parameters(), lr=self.base_lr, betas=(0.5, 0.9))
         self.batches = DatasetBatches(dataset, self.batch_size, generator, num_workers, rows, "train.codec.batch_size")
@@ -64,6 +68,8 @@ class CodecTrainer:
             group["lr"] = self.base_lr * factor
         images = next(self.batches)["image"].to(self.device)  # this process's rows
         step_seed = seed_from(self.generator)  # the same on every process
+        if self.crop_size:
+            images = self._crop(images, step_seed)
         parts = images.chunk(self.micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
@@ -90,6 +96,21 @@ class CodecTrainer:
         logged = dict(zip(sums, totals.tolist()))
         logged.update(self.codec.statistics())
         return logged, self.base_lr * factor
+
+    def _crop(self, images: torch.Tensor, step_seed: int) -> torch.Tensor:
+        """A random crop_size x crop_size window of each image. The offsets are drawn for the whole global
+        batch from the step's seed (a stream of its own, after the chunks' ones), so they do not depend on
+        how many processes share the batch."""
+        size = self.crop_size
+        generator = torch.Generator().manual_seed(derived_seed(step_seed, _CROP_STREAM))
+        height, width = images.shape[-2:]
+        if size > min(height, width):
+            raise ValueError(f"train.codec.crop_size={size} does not fit in images of {height}x{width}; use at most "
+                             f"{min(height, width)}, or null for whole images")
+        offsets = torch.stack([torch.randint(0, height - size + 1, (self.batch_size,), generator=generator),
+                               torch.randint(0, width - size + 1, (self.batch_size,), generator=generator)], 1)
+        offsets = offsets[self.rows].tolist()
+        return torch.stack([image[:, y:y + size, x:x + size] for image, (y, x) in zip(images, offsets)])
 
     def _discriminator_step(self, parts, reconstructions, step: int, factor: float,
                             sums: dict[str, torch.Tensor]) -> None:
@@ -126,6 +147,30 @@ class CodecTrainer:
         self.objective.load_state_dict(state["objective"])
         self.batches.load_state_dict(state["data"])
         self.precision.load_state_dict(state["precision"])
+
+
+_CROP_STREAM = 2**31  # above any chunk index
+
+
+def check_crop_size(settings: Mapping[str, Any], downsampling_factor: int, image_size: int | None) -> int | None:
+    """`train.codec.crop_size` as an int (None: whole images); a ValueError naming the fix where crops of that
+    size cannot be encoded, do not fit in the images or are too small for the discriminator."""
+    crop_size = settings.get("crop_size")
+    if crop_size is None:
+        return None
+    crop_size = int(crop_size)
+    if crop_size % downsampling_factor:
+        raise ValueError(f"train.codec.crop_size={crop_size} is not a multiple of the codec's downsampling factor "
+                         f"{downsampling_factor}; use a multiple of {downsampling_factor}, or null for whole images")
+    if image_size is not None and crop_size > int(image_size):
+        raise ValueError(f"train.codec.crop_size={crop_size} is larger than the dataset's {image_size}x{image_size} "
+                         f"images; use at most {image_size}, or null for whole images")
+    layers = int(settings.get("disc_layers", 3))
+    if float(settings.get("disc_weight") or 0) > 0 and crop_size < min_image_size(layers):
+        raise ValueError(f"train.codec.crop_size={crop_size} is too small for the discriminator's {layers} layers, "
+                         f"which need crops of at least {min_image_size(layers)} pixels; raise crop_size or lower "
+                         f"train.codec.disc_layers")
+    return crop_size
 
 
 def _accumulate(sums: dict[str, torch.Tensor], metrics: Mapping[str, torch.Tensor], chunks: int) -> None:

@@ -31,7 +31,7 @@ from latentgen.memory import check_fits, training_bytes
 from latentgen.pipeline import LatentDiffusionPipeline
 from latentgen.run_dir import clear, holding
 from latentgen.training import distributed, rng
-from latentgen.training.codec_stage import CodecTrainer, estimate_scale_factor
+from latentgen.training.codec_stage import CodecTrainer, check_crop_size, estimate_scale_factor
 from latentgen.training.denoiser_stage import DenoiserTrainer
 from latentgen.training.distributed import ProcessGroup
 from latentgen.training.latent_cache import LatentCache
@@ -142,6 +142,13 @@ def check_batches_fit(config: Mapping[str, Any], dataset: Any, pipe: LatentDiffu
         check_fits(needed, device, f"train.{stage}.batch_size={settings['batch_size']} (micro-batches of {micro}) at "
                                    f"{size}x{size}",
                    fix=f"lower train.{stage}.batch_size, or raise train.{stage}.grad_accumulation")
+
+
+def check_codec_crop(config: Mapping[str, Any], dataset: Any, pipe: LatentDiffusionPipeline | None) -> None:
+    """Refuse a `train.codec.crop_size` stage 1 could not train on, before any work."""
+    if pipe is not None and any(p.requires_grad for p in pipe.codec.parameters()):
+        check_crop_size(config["train"]["codec"], int(getattr(pipe.codec, "downsampling_factor", 1)),
+                        getattr(dataset, "image_size", None))
 
 
 def check_start(run_dir: Path, overwrite: bool) -> None:

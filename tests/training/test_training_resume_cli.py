@@ -60,7 +60,7 @@ def test_a_resumed_run_keeps_its_config_and_takes_only_harmless_overrides(tmp_pa
     started = to_plain(compose("train", ["experiment=smoke"]))
     run_dir = unfinished_run(tmp_path / "run", started)
     command_line = ["resume=true", "train.log_every=7"]
-    config = resumed_config(run_dir, command_line, compose("train", command_line))  # experiment=shapes by default
+    config = resumed_config(run_dir, command_line, compose("train", command_line))  # the default experiment
     assert config["train"]["log_every"] == 7 and config["train"]["codec"]["steps"] == started["train"]["codec"]["steps"]
     repeated = ["experiment=smoke", "resume=true"]
     assert resumed_config(run_dir, repeated, compose("train", repeated)) == {**started, "resume": True}

@@ -86,6 +86,47 @@ def test_codec_micro_batches_equal_one_batch_for_a_deterministic_codec():
     assert gradients_match(list(whole.codec.parameters()), list(halves.codec.parameters()))
 
 
+def test_codec_crops_are_random_windows_drawn_for_the_whole_batch():
+    """With crop_size, stage 1 trains on a random crop_size window of each image. The windows come from the
+    step's seed for the global batch, so two micro-batches see the same crops, and get the same gradients,
+    as one batch."""
+    config = compose("train", ["experiment=smoke", "codec=vq_tiny", "dataset.size=8"])
+    torch.manual_seed(0)
+    codec = build_component("codec", config["codec"])
+    dataset = build_component("dataset", config["dataset"])
+    settings = {**config["train"]["codec"], "batch_size": 8, "crop_size": 8}
+    runs = []
+    for micro_batches in (1, 2):
+        trainer = CodecTrainer(copy.deepcopy(codec), dataset, {**settings, "grad_accumulation": micro_batches},
+                               torch.device("cpu"), torch.Generator().manual_seed(3))
+        seen, autoencode = [], trainer.codec.autoencode
+        trainer.codec.autoencode = lambda images, **kw: (seen.append(images), autoencode(images, **kw))[1]
+        trainer.step(1)
+        runs.append((trainer, torch.cat(seen)))
+    (whole, crops), (halves, halves_crops) = runs
+    assert crops.shape == (8, 3, 8, 8) and torch.equal(crops, halves_crops)
+    assert gradients_match(list(whole.codec.parameters()), list(halves.codec.parameters()))
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    windows = images.unfold(2, 8, 1).unfold(3, 8, 1)  # (N, C, 9, 9, 8, 8): every 8x8 window
+    found = [(crop[:, None, None] == windows).flatten(4).all(4).all(1).nonzero()[0].tolist() for crop in crops]
+    assert len({tuple(place[1:]) for place in found}) > 1  # the offsets vary from image to image
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"crop_size": 7}, "crop_size=7 is not a multiple of the codec's downsampling factor 2"),
+    ({"crop_size": 32}, "crop_size=32 is larger than the dataset's 16x16 images"),
+    ({"crop_size": 16, "disc_weight": 0.5, "disc_layers": 3}, "too small for the discriminator's 3 layers, which need "
+                                                                "crops of at least 24 pixels"),
+])
+def test_codec_crops_that_cannot_be_trained_on_are_refused(overrides, message):
+    config = compose("train", ["experiment=smoke", "dataset.size=8"])
+    codec = build_component("codec", config["codec"])
+    dataset = build_component("dataset", config["dataset"])
+    with pytest.raises(ValueError, match=message):
+        CodecTrainer(codec, dataset, {**config["train"]["codec"], **overrides}, torch.device("cpu"),
+                     torch.Generator().manual_seed(0))
+
+
 def test_bf16_autocast_trains_float32_weights_close_to_fp32(pipe_and_cache):
     full, full_loss = denoiser_step(pipe_and_cache)
     mixed, mixed_loss = denoiser_step(pipe_and_cache, precision="bf16")
