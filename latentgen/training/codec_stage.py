@@ -51,8 +51,7 @@ class CodecTrainer:
                              f"{self.group.world_size * max(1, self.micro_batches)}")
         self.chunks = self.group.world_size * self.micro_batches
         self.rows = rows
-        self.crop_size = check_crop_size(settings, int(getattr(codec, "downsampling_factor", 1)),
-                                         getattr(dataset, "image_size", None))
+        self.crop_size = check_crop_size(settings, codec, dataset)
         self.objective = CodecObjective(codec, settings, device)
         self.optimizer = adam(torch.optim.Adam, codec.parameters(), lr=self.base_lr, betas=(0.5, 0.9))
         self.batches = DatasetBatches(dataset, self.batch_size, generator, num_workers, rows, "train.codec.batch_size")
@@ -152,13 +151,14 @@ class CodecTrainer:
 _CROP_STREAM = 2**31  # above any chunk index
 
 
-def check_crop_size(settings: Mapping[str, Any], downsampling_factor: int, image_size: int | None) -> int | None:
+def check_crop_size(settings: Mapping[str, Any], codec: Codec, dataset: Any) -> int | None:
     """`train.codec.crop_size` as an int (None: whole images); a ValueError naming the fix where crops of that
-    size cannot be encoded, do not fit in the images or are too small for the discriminator."""
+    size cannot be encoded, do not fit in the dataset's images or are too small for the discriminator."""
     crop_size = settings.get("crop_size")
     if crop_size is None:
         return None
-    crop_size = int(crop_size)
+    crop_size, downsampling_factor = int(crop_size), int(codec.downsampling_factor)
+    image_size = getattr(dataset, "image_size", None)
     if crop_size % downsampling_factor:
         raise ValueError(f"train.codec.crop_size={crop_size} is not a multiple of the codec's downsampling factor "
                          f"{downsampling_factor}; use a multiple of {downsampling_factor}, or null for whole images")

@@ -136,7 +136,7 @@ def check_batches_fit(config: Mapping[str, Any], dataset: Any, pipe: LatentDiffu
     for stage in ("codec", "denoiser"):
         settings = config["train"][stage]
         micro = int(settings["batch_size"]) // int(settings["grad_accumulation"])
-        if stage == "codec" and not any(p.requires_grad for p in pipe.codec.parameters()):
+        if stage == "codec" and not trains_codec(pipe):
             continue
         needed = training_bytes(pipe.codec, pipe.denoiser, stage, micro, size, latent)
         check_fits(needed, device, f"train.{stage}.batch_size={settings['batch_size']} (micro-batches of {micro}) at "
@@ -146,9 +146,14 @@ def check_batches_fit(config: Mapping[str, Any], dataset: Any, pipe: LatentDiffu
 
 def check_codec_crop(config: Mapping[str, Any], dataset: Any, pipe: LatentDiffusionPipeline | None) -> None:
     """Refuse a `train.codec.crop_size` stage 1 could not train on, before any work."""
-    if pipe is not None and any(p.requires_grad for p in pipe.codec.parameters()):
-        check_crop_size(config["train"]["codec"], int(getattr(pipe.codec, "downsampling_factor", 1)),
-                        getattr(dataset, "image_size", None))
+    if pipe is not None and trains_codec(pipe):
+        check_crop_size(config["train"]["codec"], pipe.codec, dataset)
+
+
+def trains_codec(pipe: LatentDiffusionPipeline) -> bool:
+    """Whether stage 1 fits this pipeline's codec: not where it has no trainable weights (an identity codec, or
+    every weight frozen for train.adapter)."""
+    return any(p.requires_grad for p in pipe.codec.parameters())
 
 
 def check_start(run_dir: Path, overwrite: bool) -> None:
@@ -285,7 +290,7 @@ class TrainingRun:
 
     def _codec_stage(self, state: Mapping[str, Any] | None) -> bool:
         settings = self.train_settings["codec"]
-        if not (any(p.requires_grad for p in self.pipe.codec.parameters()) and int(settings["steps"]) > 0):
+        if not (trains_codec(self.pipe) and int(settings["steps"]) > 0):
             return True
         began = time.perf_counter()
         trainer = CodecTrainer(self.pipe.codec, self.dataset, settings, self.device, self.generator,
