@@ -39,11 +39,29 @@ def composed(app: str, args: Sequence[str]) -> Any | None:
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             return compose(config_name=app, overrides=overrides(args), return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:  # ValueError: Hydra's for `group=null`
         text = " ".join(str(exc).split()).split(" Config search path:")[0]  # Hydra's message, in one line
         if "Could not find" in text:
             text += "; `latentgen plugins` lists every installed component"
+        elif "Config group override must be a string or a list" in text:
+            text = _null_group_message(args) or text
         raise ConfigError(text) from None
+
+
+def _null_group_message(args: Sequence[str]) -> str | None:
+    """Hydra's bare "Got NoneType" for `group=null` said as what it is and how to say it instead."""
+    from importlib import resources
+
+    from latentgen.config.options import CONFIG_MODULE
+
+    for arg in overrides(args):
+        key, _, value = arg.partition("=")
+        group = key.lstrip("+~")
+        if value.strip().lower() == "null" and resources.files(CONFIG_MODULE).joinpath(group).is_dir():
+            return (f"{arg}: the config group '{group}' takes the name of one of its options, not null; name one "
+                    f"(`latentgen plugins` lists them), leave the override out to keep the default, or drop the "
+                    f"group with ~{group}")
+    return None
 
 
 def preflight(app: str, args: Sequence[str], check: Callable[[dict[str, Any], Path], None]) -> list[str]:
