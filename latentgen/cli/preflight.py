@@ -44,23 +44,22 @@ def composed(app: str, args: Sequence[str]) -> Any | None:
         if "Could not find" in text:
             text += "; `latentgen plugins` lists every installed component"
         elif "Config group override must be a string or a list" in text:
-            text = _null_group_message(args) or text
+            text = _null_group_message(app, args) or text
         raise ConfigError(text) from None
 
 
-def _null_group_message(args: Sequence[str]) -> str | None:
+def _null_group_message(app: str, args: Sequence[str]) -> str | None:
     """Hydra's bare "Got NoneType" for `group=null` said as what it is and how to say it instead."""
-    from importlib import resources
-
-    from latentgen.config.options import CONFIG_MODULE
+    from latentgen.config.options import group_options
 
     for arg in overrides(args):
         key, _, value = arg.partition("=")
         group = key.lstrip("+~")
-        if value.strip().lower() == "null" and resources.files(CONFIG_MODULE).joinpath(group).is_dir():
-            return (f"{arg}: the config group '{group}' takes the name of one of its options, not null; name one "
-                    f"(`latentgen plugins` lists them), leave the override out to keep the default, or drop the "
-                    f"group with ~{group}")
+        options = group_options(group, app) if value.strip().lower() == "null" else []
+        if options:
+            return (f"{arg}: the config group '{group}' takes the name of one of its options, not null: "
+                    f"{', '.join(options)}; or leave the override out to keep the default, or drop the group "
+                    f"with ~{group}")
     return None
 
 

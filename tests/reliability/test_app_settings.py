@@ -85,7 +85,8 @@ CASES = [
     # components refuse their parameters (built before anything is trained)
     ("train", ["denoiser.model_channels=0"], "model_channels must be a positive integer; got 0"),
     ("train", ["denoiser=no_such_denoiser"], "Could not find 'denoiser/no_such_denoiser'"),
-    ("train", ["codec=null"], "codec=null: the config group 'codec' takes the name of one of its options, not null"),
+    ("train", ["codec=null"], "codec=null: the config group 'codec' takes the name of one of its options, not null: "
+                              "identity, kl, kl_f2"),
     ("train", ["dataset.image_size=30"], "image_size must be a multiple of 8"),
     ("train", ["+dataset.two_objects=2"], "two_objects is the fraction of two-object items, a number in [0, 1]"),
     ("train", ["+dataset.held_out=maybe"], "held_out must be true or false"),
